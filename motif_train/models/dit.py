@@ -1,0 +1,229 @@
+"""The Motif-Video DiT for training.
+
+Same parameters and forward math as diffusers' `MotifVideoTransformer3DModel` (weights
+load both ways with strict=True), plus what training needs: TREAD routing, a REPA
+projector head, tied Shared Cross-Attention K/V reused from the self-attention, and a
+block list uniform enough for FSDP2 / activation checkpointing / compile to wrap.
+
+    latents (B,33,F,H,W) ──x_embedder──► video tokens (B,N,D) ─┬─────────────────────┐
+    text (B,T,2560) ─context_embedder─┐                        │                     │ clone
+    image (B,I,1152) ─image_embedder──┴► ctx (B,I+T,D)         │                     ▼
+                                       dual blocks 0..11 ─► single encoder 12..27 ─► decoder 28..35
+                                       (video ‖ ctx)        ([video; ctx] + X-attn)   (dec ‖ enc video)
+                                                                                     │
+                                                          norm_out ─► proj_out ─► velocity (B,16,F,H,W)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.embeddings import PixArtAlphaTextProjection
+from diffusers.models.normalization import AdaLayerNormContinuous
+from diffusers.models.transformers.transformer_motif_video import (
+    MotifVideoConditionEmbedding,
+    MotifVideoImageProjection,
+    MotifVideoPatchEmbed,
+    MotifVideoRotaryPosEmbed,
+)
+from torch import nn
+
+from .blocks import DualStreamBlock, SingleStreamBlock
+from .config import MotifDiTConfig, RoutingConfig
+from .routing import gather_rope, gather_tokens, sample_keep_ids, scatter_tokens
+
+
+@dataclass
+class DiTOutput:
+    """sample: velocity (B, C_out, F, H, W).
+
+    repa_tokens: projected video tokens (B, K, C_teacher) after `repa.block`, when asked.
+    repa_ids: (B, K) indices of those tokens among the N video tokens in (f, h, w) raster
+    order, or None when all N tokens are returned in order.
+    keep_ids: (B, K) TREAD ids used in this forward, or None without routing.
+    """
+
+    sample: torch.Tensor
+    repa_tokens: torch.Tensor | None = None
+    repa_ids: torch.Tensor | None = None
+    keep_ids: torch.Tensor | None = None
+
+
+class RepaProjector(nn.Sequential):
+    """REPA MLP: (.., D) -> (.., C_teacher) with two SiLU hidden layers of `hidden` units."""
+
+    def __init__(self, dim: int, hidden: int, out: int) -> None:
+        super().__init__(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                         nn.Linear(hidden, out))
+
+
+def joint_mask(text_mask: torch.Tensor | None, n_video: int) -> torch.Tensor | None:
+    """(B, L) context mask -> bool (B, 1, 1, N+L) with all video positions visible."""
+    if text_mask is None:
+        return None
+    return F.pad(text_mask.to(torch.bool), (n_video, 0), value=True)[:, None, None]
+
+
+class MotifDiT(nn.Module):
+    def __init__(self, config: MotifDiTConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        d = c.inner_dim
+        self.x_embedder = MotifVideoPatchEmbed((c.patch_size_t, c.patch_size, c.patch_size), c.in_channels, d)
+        self.context_embedder = PixArtAlphaTextProjection(in_features=c.text_embed_dim, hidden_size=d)
+        if c.image_embed_dim is not None:
+            self.image_embedder = MotifVideoImageProjection(in_features=c.image_embed_dim, hidden_size=d)
+        self.time_text_embed = MotifVideoConditionEmbedding(d)
+        self.rope = MotifVideoRotaryPosEmbed(c.patch_size, c.patch_size_t, list(c.rope_axes_dim), c.rope_theta)
+        block_kw = dict(qk_norm=c.qk_norm, norm_type=c.norm_type, shared_kv=c.shared_kv)
+        self.transformer_blocks = nn.ModuleList([
+            DualStreamBlock(c.num_attention_heads, c.attention_head_dim, c.mlp_ratio,
+                            cross_attention=c.enable_text_cross_attention_dual, **block_kw)
+            for _ in range(c.num_layers)
+        ])
+        self.single_transformer_blocks = nn.ModuleList([
+            SingleStreamBlock(c.num_attention_heads, c.attention_head_dim, c.mlp_ratio,
+                              cross_attention=c.enable_text_cross_attention_single and i < c.num_encoder_single,
+                              **block_kw)
+            for i in range(c.num_single_layers)
+        ])
+        self.norm_out = AdaLayerNormContinuous(d, d, elementwise_affine=False, eps=1e-6, norm_type=c.norm_type)
+        self.proj_out = nn.Linear(d, c.patch_size_t * c.patch_size * c.patch_size * c.out_channels)
+        self.repa_projector = (RepaProjector(d, c.repa.hidden_dim, c.repa.teacher_dim)
+                               if c.repa.block is not None else None)
+
+    # ---- structure ---------------------------------------------------------------------
+    def blocks(self) -> list[nn.Module]:
+        """All blocks in execution order; list index = absolute block index."""
+        return [*self.transformer_blocks, *self.single_transformer_blocks]
+
+    def set_routing(self, routing: RoutingConfig | None) -> None:
+        """Switch the TREAD route (e.g. at a curriculum stage change); validated like the config."""
+        routing = routing or RoutingConfig(ratio=0.0)
+        old = self.config.routing
+        self.config.routing = routing
+        try:
+            self.config.validate()
+        except ValueError:
+            self.config.routing = old
+            raise
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Fresh-training init (DiT style): xavier linears, zero biases, zero AdaLN modulation,
+        zero final projection and zero cross-attention output (block == block without it)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv3d)):
+                nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)) and m.weight is not None:
+                nn.init.ones_(m.weight)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        te = self.time_text_embed.timestep_embedder
+        nn.init.normal_(te.linear_1.weight, std=std)
+        nn.init.normal_(te.linear_2.weight, std=std)
+        for blk in self.blocks():
+            for name in ("norm1", "norm1_context", "norm"):
+                if hasattr(blk, name):
+                    nn.init.zeros_(getattr(blk, name).linear.weight)
+                    nn.init.zeros_(getattr(blk, name).linear.bias)
+            if blk.cross_attn is not None:
+                nn.init.zeros_(blk.cross_attn.to_out[0].weight)
+                nn.init.zeros_(blk.cross_attn.to_out[0].bias)
+        nn.init.zeros_(self.norm_out.linear.weight)
+        nn.init.zeros_(self.norm_out.linear.bias)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    # ---- forward -----------------------------------------------------------------------
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        *,
+        return_repa: bool = False,
+        route: bool | None = None,
+        generator: torch.Generator | None = None,
+    ) -> DiTOutput:
+        """hidden_states (B, C_in, F, H, W) = cat(x_t, cond, mask); timestep (B,) = 1000 σ;
+        encoder_hidden_states (B, T, C_text); encoder_attention_mask (B, T) or None;
+        image_embeds (B, I, C_img) or None (T2V).
+
+        `route` defaults to `self.training`: TREAD runs in training only. Returns `DiTOutput`.
+        """
+        c = self.config
+        b, _, f, h, w = hidden_states.shape
+        p, pt = c.patch_size, c.patch_size_t
+        rope = self.rope(hidden_states)  # 2 x (N, Dh)
+        temb = self.time_text_embed(timestep)  # (B, D)
+        x = self.x_embedder(hidden_states)  # (B, N, D)
+        ctx = self.context_embedder(encoder_hidden_states)  # (B, T, D)
+        img_len = 0
+        if image_embeds is not None:
+            img = self.image_embedder(image_embeds)  # (B, I, D)
+            img_len = img.shape[1]
+            ctx = torch.cat([img, ctx], dim=1)  # (B, I+T, D)
+            if encoder_attention_mask is not None:
+                ones = encoder_attention_mask.new_ones(b, img_len)
+                encoder_attention_mask = torch.cat([ones, encoder_attention_mask], dim=1)
+        n = x.shape[1]
+        dec = x.clone() if c.num_decoder_layers > 0 else None  # DDT query stream: fresh patch embedding
+
+        r = c.routing
+        routed = (self.training if route is None else route) and r.enabled
+        ids = sample_keep_ids(b, n, r.ratio, device=x.device, generator=generator) if routed else None
+        if return_repa and self.repa_projector is None:
+            raise ValueError("return_repa=True but the model has no REPA head: set model.repa.block")
+
+        full_mask = joint_mask(encoder_attention_mask, n)
+        mask, blk_rope = full_mask, rope
+        saved = None
+        repa_tokens = repa_ids = None
+        enc_end = c.num_encoder_blocks
+        for idx, block in enumerate(self.blocks()):
+            if idx == enc_end:  # DDT decoder: query = fresh embedding, context = encoder video output
+                x, ctx, mask, img_len = dec, x, None, 0
+                full_mask = None
+            if ids is not None and idx == r.start:
+                saved = (x, ctx)
+                x = gather_tokens(x, ids)  # (B, K, D)
+                if idx >= enc_end:  # in the decoder the context is video too: route it with the same ids
+                    ctx = gather_tokens(ctx, ids)
+                blk_rope = gather_rope(rope, ids)  # 2 x (B, K, Dh)
+                mask = joint_mask(encoder_attention_mask, ids.shape[1]) if idx < enc_end else None
+            x, ctx = block(x, ctx, temb, mask, blk_rope, img_len)
+            if return_repa and idx == c.repa.block:
+                inside = ids is not None and r.start <= idx <= r.end
+                repa_tokens, repa_ids = self.repa_projector(x), (ids if inside else None)  # (B, K|N, C_t)
+            if ids is not None and idx == r.end:
+                x = scatter_tokens(saved[0], x, ids)  # (B, N, D)
+                if idx >= enc_end:
+                    ctx = scatter_tokens(saved[1], ctx, ids)
+                mask, blk_rope, saved = full_mask, rope, None
+
+        x = self.norm_out(x, temb)  # (B, N, D)
+        x = self.proj_out(x)  # (B, N, pt*p*p*C_out)
+        x = x.reshape(b, f // pt, h // p, w // p, -1, pt, p, p)
+        x = x.permute(0, 4, 1, 5, 2, 6, 3, 7).flatten(6, 7).flatten(4, 5).flatten(2, 3)  # (B, C_out, F, H, W)
+        return DiTOutput(sample=x, repa_tokens=repa_tokens, repa_ids=repa_ids, keep_ids=ids)
+
+
+def build_model(config: MotifDiTConfig | dict, *, device: torch.device | str | None = None,
+                dtype: torch.dtype | None = None, init: bool = True) -> MotifDiT:
+    """Construct from config; `device="meta"` builds without allocating (FSDP / FLOP counting)."""
+    if isinstance(config, dict):
+        config = MotifDiTConfig(**config)
+    with torch.device(device or "cpu"):
+        model = MotifDiT(config)
+    if init and str(device) != "meta":
+        model.init_weights()
+    if dtype is not None:
+        model.to(dtype)
+    return model
