@@ -1,8 +1,8 @@
 """Training DiT, routing, REPA head, FLOP accounting and diffusers conversion."""
 
-from .config import MotifDiTConfig, RepaConfig, RoutingConfig
+from .config import MotifDiTConfig, RepaConfig, RoutingConfig, load_model_config
 from .convert import from_diffusers, to_diffusers
 from .dit import DiTOutput, MotifDiT, build_model
 
-__all__ = ["DiTOutput", "MotifDiT", "MotifDiTConfig", "RepaConfig", "RoutingConfig", "build_model",
+__all__ = ["DiTOutput", "MotifDiT", "MotifDiTConfig", "RepaConfig", "RoutingConfig", "build_model", "load_model_config",
            "from_diffusers", "to_diffusers"]

@@ -155,3 +155,26 @@ class MotifDiTConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+CONFIG_DIR = __import__("pathlib").Path(__file__).resolve().parents[2] / "configs"
+
+
+def load_model_config(name_or_path: str, **overrides) -> MotifDiTConfig:
+    """A preset from `configs/model/<name>.yaml` or any YAML file of MotifDiTConfig fields."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIG_DIR / "model" / f"{name_or_path}.yaml"
+    if not path.is_file():
+        presets = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
+        raise FileNotFoundError(f"model config {name_or_path!r} not found; presets: {presets}")
+    data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    data.update(overrides)
+    unknown = set(data) - {f.name for f in fields(MotifDiTConfig)}
+    if unknown:
+        raise ValueError(f"{path}: unknown model keys {sorted(unknown)}")
+    return MotifDiTConfig(**data)
