@@ -151,12 +151,14 @@ class MotifDiT(nn.Module):
         return_repa: bool = False,
         route: bool | None = None,
         generator: torch.Generator | None = None,
+        keep_ids: torch.Tensor | None = None,
     ) -> DiTOutput:
         """hidden_states (B, C_in, F, H, W) = cat(x_t, cond, mask); timestep (B,) = 1000 σ;
         encoder_hidden_states (B, T, C_text); encoder_attention_mask (B, T) or None;
         image_embeds (B, I, C_img) or None (T2V).
 
-        `route` defaults to `self.training`: TREAD runs in training only. Returns `DiTOutput`.
+        `route` defaults to `self.training`: TREAD runs in training only; `keep_ids` (B, K)
+        replays a given token subset instead of drawing one. Returns `DiTOutput`.
         """
         c = self.config
         b, _, f, h, w = hidden_states.shape
@@ -178,7 +180,10 @@ class MotifDiT(nn.Module):
 
         r = c.routing
         routed = (self.training if route is None else route) and r.enabled
-        ids = sample_keep_ids(b, n, r.ratio, device=x.device, generator=generator) if routed else None
+        ids = None
+        if routed:
+            ids = keep_ids if keep_ids is not None else sample_keep_ids(b, n, r.ratio, device=x.device,
+                                                                        generator=generator)
         if return_repa and self.repa_projector is None:
             raise ValueError("return_repa=True but the model has no REPA head: set model.repa.block")
 

@@ -22,9 +22,9 @@ teacher tokens for backward, which inference tensors forbid.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -294,7 +294,7 @@ class ImageEncoder(_Frozen):
 
         p = _check_dir(path, "ImageEncoder")
         model_type = json.loads((p / "config.json").read_text()).get("model_type")
-        kw = dict(dtype=dtype, use_safetensors=True, local_files_only=True)
+        kw = {"dtype": dtype, "use_safetensors": True, "local_files_only": True}
         if model_type == "t5gemma2_encoder":
             tower = T5Gemma2Encoder.from_pretrained(p, **kw).vision_tower
         elif model_type == "siglip_vision_model":

@@ -55,7 +55,7 @@ TINY_DIMS = {
 # T5Gemma2TextConfig's default pad/eos/bos ids.
 _SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
 
-_WORDS = """
+_WORD_TEXT = """
 a an the and or of in on at to with from by for over under into onto through behind near
 is are was were be being its it this that these those his her their our my your one two
 three man woman person people child children boy girl dog cat bird horse car boat train
@@ -69,7 +69,8 @@ cold small large big tall long short old young beautiful quiet busy empty full b
 foreground scene video footage cinematic realistic style lighting sunset sunrise glow hair
 face eyes hand hands jacket dress shirt hat long brown blonde smile frame view top side
 front back left right center moving still zoom pan tilt tracking aerial drone sharp blurry
-""".split()
+"""
+_WORDS = _WORD_TEXT.split()
 
 _CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'\"-:;()")
 
