@@ -1,0 +1,50 @@
+"""The one batch type that flows from the loader to the objective."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class Batch:
+    """Precomputed training inputs of one micro-batch; every sample has the same shape.
+
+    latents: normalised Wan VAE latents x0 (B, 16, F, H, W).
+    text: text-encoder hidden states (B, L, C_text), padded to the longest in the batch.
+    text_mask: (B, L) bool, True on real tokens.
+    image_embeds: SigLIP first-frame tokens (B, I, C_img), or None (no I2V possible).
+    teacher_pixels: REPA teacher input (B, 3, 2+4k, S, S) in [-1, 1] (frame 0 already
+        duplicated, see `objectives.repa.teacher_pixels`), or None when REPA is off.
+    keys: sample ids, for logging skipped / bad samples.
+    """
+
+    latents: torch.Tensor
+    text: torch.Tensor
+    text_mask: torch.Tensor
+    image_embeds: torch.Tensor | None = None
+    teacher_pixels: torch.Tensor | None = None
+    keys: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        b = self.latents.shape[0]
+        if self.latents.dim() != 5:
+            raise ValueError(f"Batch.latents must be (B, C, F, H, W), got {tuple(self.latents.shape)}")
+        if self.text.shape[:2] != self.text_mask.shape or self.text.shape[0] != b:
+            raise ValueError(f"Batch.text {tuple(self.text.shape)} / text_mask {tuple(self.text_mask.shape)} "
+                             f"do not match batch size {b}")
+        for name in ("image_embeds", "teacher_pixels"):
+            t = getattr(self, name)
+            if t is not None and t.shape[0] != b:
+                raise ValueError(f"Batch.{name} has batch {t.shape[0]}, latents have {b}")
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def to(self, device: torch.device | str, *, non_blocking: bool = False) -> "Batch":
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k, v in moved.items():
+            if isinstance(v, torch.Tensor):
+                moved[k] = v.to(device, non_blocking=non_blocking)
+        return Batch(**moved)
