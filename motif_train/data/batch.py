@@ -42,7 +42,7 @@ class Batch:
     def __len__(self) -> int:
         return self.latents.shape[0]
 
-    def to(self, device: torch.device | str, *, non_blocking: bool = False) -> "Batch":
+    def to(self, device: torch.device | str, *, non_blocking: bool = False) -> Batch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         for k, v in moved.items():
             if isinstance(v, torch.Tensor):

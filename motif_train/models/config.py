@@ -144,7 +144,7 @@ class MotifDiTConfig:
         return d
 
     @classmethod
-    def from_diffusers_config(cls, cfg: dict, **overrides) -> "MotifDiTConfig":
+    def from_diffusers_config(cls, cfg: dict, **overrides) -> MotifDiTConfig:
         names = {f.name for f in fields(cls)}
         kw = {k: v for k, v in dict(cfg).items() if k in DIFFUSERS_KEYS}
         kw.update(overrides)
@@ -164,7 +164,7 @@ def load_model_config(name_or_path: str, **overrides) -> MotifDiTConfig:
     """A preset from `configs/model/<name>.yaml` or any YAML file of MotifDiTConfig fields."""
     from pathlib import Path
 
-    from omegaconf import OmegaConf
+    import yaml
 
     path = Path(name_or_path)
     if not path.suffix:
@@ -172,7 +172,7 @@ def load_model_config(name_or_path: str, **overrides) -> MotifDiTConfig:
     if not path.is_file():
         presets = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
         raise FileNotFoundError(f"model config {name_or_path!r} not found; presets: {presets}")
-    data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    data = yaml.safe_load(path.read_text()) or {}
     data.update(overrides)
     unknown = set(data) - {f.name for f in fields(MotifDiTConfig)}
     if unknown:

@@ -231,7 +231,7 @@ class TextEncoder(_Frozen):
         rows are selected, which works for either tokenizer padding side.
         """
         embeds, mask = self.encode(prompts, max_length)
-        return [e[m] for e, m in zip(embeds, mask)]
+        return [e[m] for e, m in zip(embeds, mask, strict=False)]
 
     @property
     def padding_side(self) -> str:

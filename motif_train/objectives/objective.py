@@ -16,8 +16,15 @@ from torch import nn
 
 from motif_train.data.batch import Batch
 
-from .conditioning import (ConditioningConfig, apply_text_dropout, build_i2v_condition, build_t2v_condition,
-                           choose_task, model_input, timestep_blur)
+from .conditioning import (
+    ConditioningConfig,
+    apply_text_dropout,
+    build_i2v_condition,
+    build_t2v_condition,
+    choose_task,
+    model_input,
+    timestep_blur,
+)
 from .flow import FlowConfig, add_noise, flow_loss, model_timestep, sample_sigmas, velocity_target
 from .repa import RepaLossConfig, match_teacher_tokens, repa_loss
 

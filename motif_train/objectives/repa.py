@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 
 @dataclass
@@ -45,10 +46,9 @@ def teacher_pixels(frames: torch.Tensor, size: int) -> torch.Tensor:
     b, c, t, h, w = frames.shape
     if (t - 1) % 4:
         raise ValueError(f"teacher_pixels: {t} frames; expected 1+4k (a Wan VAE clip)")
-    x = torch.cat([frames[:, :, :1], frames], dim=2)  # (B, 3, 2+4k, H, W)
-    x = x.transpose(1, 2).flatten(0, 1)  # (B*(2+4k), 3, H, W)
+    x = rearrange(torch.cat([frames[:, :, :1], frames], dim=2), "b c t h w -> (b t) c h w")  # (B*(2+4k), 3, H, W)
     x = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return x.unflatten(0, (b, t + 1)).transpose(1, 2).to(frames.dtype)  # (B, 3, 2+4k, S, S)
+    return rearrange(x, "(b t) c h w -> b c t h w", b=b).to(frames.dtype)  # (B, 3, 2+4k, S, S)
 
 
 def match_teacher_tokens(teacher: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
@@ -63,11 +63,10 @@ def match_teacher_tokens(teacher: torch.Tensor, grid: tuple[int, int, int]) -> t
                          f"{2 * f - 1} (prepend frame 0 with teacher_pixels)")
     first = teacher[:, :1]  # (B, 1, Sh, Sw, C)
     rest = teacher[:, 1:].unflatten(1, (f - 1, 2)).mean(dim=2)  # (B, F-1, Sh, Sw, C)
-    t = torch.cat([first, rest], dim=1)  # (B, F, Sh, Sw, C)
-    t = t.permute(0, 1, 4, 2, 3).flatten(0, 1)  # (B*F, C, Sh, Sw)
+    t = rearrange(torch.cat([first, rest], dim=1), "b f h w c -> (b f) c h w")  # (B*F, C, Sh, Sw)
     if (sh, sw) != (hg, wg):
         t = F.interpolate(t.float(), size=(hg, wg), mode="bilinear", align_corners=False).to(teacher.dtype)
-    return t.unflatten(0, (b, f)).permute(0, 1, 3, 4, 2).flatten(1, 3)  # (B, F*Hg*Wg, C)
+    return rearrange(t, "(b f) c h w -> b (f h w) c", b=b)  # (B, F*Hg*Wg, C)
 
 
 def repa_loss(projected: torch.Tensor, target: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:

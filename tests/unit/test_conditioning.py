@@ -186,7 +186,7 @@ def test_text_dropout_deterministic_with_generator_and_rate():
     empty_e, empty_m = torch.zeros(2, 5), torch.ones(2, dtype=torch.long)
     a = apply_text_dropout(embeds, mask_i, 0.5, empty_e, empty_m, generator=torch.Generator().manual_seed(3))
     b = apply_text_dropout(embeds, mask_i, 0.5, empty_e, empty_m, generator=torch.Generator().manual_seed(3))
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         assert torch.equal(x, y)
     e, m, dropped = a
     assert m.dtype == torch.long

@@ -105,7 +105,7 @@ def test_text_encode_shapes_masks_and_trim(enc):
     assert true_len[2] == 2  # "" -> <bos> <eos>: the CFG null prompt still has tokens
     trimmed = enc.text.encode_trimmed(PROMPTS)
     assert [t.shape for t in trimmed] == [(n, TINY_DIMS["text_hidden_size"]) for n in true_len]
-    for t, e, n in zip(trimmed, embeds, true_len):
+    for t, e, n in zip(trimmed, embeds, true_len, strict=False):
         torch.testing.assert_close(t, e[:n], rtol=0, atol=1e-6)
 
 
