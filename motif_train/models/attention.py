@@ -22,6 +22,17 @@ def _qk_norm(kind: str | None, head_dim: int, eps: float) -> nn.Module | None:
     return None
 
 
+def _init_qkv(m: nn.Module, dim: int, heads: int, head_dim: int, qk_norm: str | None, eps: float) -> None:
+    """The q/k/v projections and per-head q/k norms, under diffusers' names."""
+    inner = heads * head_dim
+    m.heads = heads
+    m.to_q = nn.Linear(dim, inner)
+    m.to_k = nn.Linear(dim, inner)
+    m.to_v = nn.Linear(dim, inner)
+    m.norm_q = _qk_norm(qk_norm, head_dim, eps)
+    m.norm_k = _qk_norm(qk_norm, head_dim, eps)
+
+
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """(B, S, H*Dh) -> (B, S, H, Dh)."""
     return x.unflatten(-1, (heads, -1))
@@ -61,12 +72,7 @@ class MotifAttention(nn.Module):
                  context_proj: bool = False, pre_only: bool = False) -> None:
         super().__init__()
         inner = heads * head_dim
-        self.heads = heads
-        self.to_q = nn.Linear(dim, inner)
-        self.to_k = nn.Linear(dim, inner)
-        self.to_v = nn.Linear(dim, inner)
-        self.norm_q = _qk_norm(qk_norm, head_dim, eps)
-        self.norm_k = _qk_norm(qk_norm, head_dim, eps)
+        _init_qkv(self, dim, heads, head_dim, qk_norm, eps)
         self.to_out = None if pre_only else nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
         if context_proj:
             self.norm_added_q = nn.RMSNorm(head_dim, eps=eps)
@@ -127,13 +133,8 @@ class MotifCrossAttention(nn.Module):
 
     def __init__(self, dim: int, heads: int, head_dim: int, *, qk_norm: str | None, eps: float = 1e-6):
         super().__init__()
+        _init_qkv(self, dim, heads, head_dim, qk_norm, eps)
         inner = heads * head_dim
-        self.heads = heads
-        self.to_q = nn.Linear(dim, inner)
-        self.to_k = nn.Linear(dim, inner)
-        self.to_v = nn.Linear(dim, inner)
-        self.norm_q = _qk_norm(qk_norm, head_dim, eps)
-        self.norm_k = _qk_norm(qk_norm, head_dim, eps)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
         self.tied = False
 
