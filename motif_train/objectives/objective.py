@@ -83,7 +83,9 @@ class DiffusionObjective:
         return self.teacher is not None and self.config.repa.active(step)
 
     def __call__(self, model: nn.Module, batch: Batch, *, step: int, micro_step: int = 0,
-                 generator: torch.Generator | None = None) -> ObjectiveOutput:
+                 generator: torch.Generator | None = None, repa: bool = True) -> ObjectiveOutput:
+        """One micro-batch. `repa=False` switches REPA off for this call (e.g. the curriculum stage
+        has it off) on top of the `repa.until_step` cut-off."""
         c = self.config
         x0 = batch.latents.float()  # (B, 16, F, H, W)
         b, _, f, h, w = x0.shape
@@ -109,7 +111,7 @@ class DiffusionObjective:
             text, text_mask, _ = apply_text_dropout(text, text_mask, c.conditioning.text_dropout,
                                                     *self.empty_text, generator=generator)
 
-        use_repa = self.repa_active(step)
+        use_repa = repa and self.repa_active(step)
         if use_repa and batch.teacher_pixels is None:
             raise ValueError(f"REPA is active at step {step} but the batch has no teacher_pixels; "
                              "preprocess with the teacher enabled for this stage or set repa.until_step")

@@ -1,0 +1,118 @@
+"""Typed run configuration (Hydra ConfigStore schema) and the checks that run before any work.
+
+`configs/train.yaml` composes YAML groups onto the `train_schema` dataclass below, so an
+unknown key or a wrong type fails at composition; `validate` then checks the cross-field rules
+(bucket shapes, batch divisibility, routes, REPA) and names the offending key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+from motif_train.checkpoint import CheckpointConfig
+from motif_train.data.curriculum import CurriculumConfig, validate_stage
+from motif_train.data.synthetic import SyntheticDataConfig
+from motif_train.distributed.mesh import ParallelConfig
+from motif_train.ema import EMAConfig
+from motif_train.metrics import LoggerConfig
+from motif_train.models.config import MotifDiTConfig, RoutingConfig
+from motif_train.objectives.conditioning import ConditioningConfig
+from motif_train.objectives.flow import FlowConfig
+from motif_train.objectives.repa import RepaLossConfig
+from motif_train.optim import OptimConfig
+
+
+@dataclass
+class ModelSpec(MotifDiTConfig):
+    """The DiT config plus where its weights come from."""
+
+    init_from: str | None = None  # a diffusers MotifVideoTransformer3DModel folder (fine-tuning)
+
+    def dit_config(self) -> MotifDiTConfig:
+        names = {f.name for f in fields(MotifDiTConfig)}
+        return MotifDiTConfig(**{k: v for k, v in asdict(self).items() if k in names})
+
+
+@dataclass
+class TrainSection:
+    steps: int | None = None  # None: the sum of the curriculum's stage steps
+    grad_accum: int = 1
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+    stop_at: int | None = None  # end the run after this step (save included), like a clean preemption
+    debug_nan_steps: list[int] = field(default_factory=list)  # inject a NaN loss at these steps (tests)
+
+
+@dataclass
+class ObjectiveSection:
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
+    repa: RepaLossConfig = field(default_factory=RepaLossConfig)
+
+
+@dataclass
+class EncodersConfig:
+    root: str | None = None  # folder with vae/ text_encoder/ tokenizer/ teacher/ (diffusers layout)
+    build_tiny: bool = False  # first write random tiny encoders there (demo, tests)
+
+
+@dataclass
+class ProfileConfig:
+    steps: list[int] = field(default_factory=list)  # [first, last] step to trace
+
+
+@dataclass
+class TrainConfig:
+    name: str = "motif"
+    run_dir: str = "runs/${name}"
+    model: ModelSpec = field(default_factory=ModelSpec)
+    train: TrainSection = field(default_factory=TrainSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    data: Any = field(default_factory=SyntheticDataConfig)  # swap point: `_target_` names the source class
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    encoders: EncodersConfig = field(default_factory=EncodersConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def validate(cfg: TrainConfig, *, world_size: int, local_world_size: int | None = None) -> None:
+    """Cross-field checks before any work; each error names the key and the fix."""
+    rep, shard = cfg.parallel.degrees(world_size, local_world_size or world_size)
+    dp = rep * shard
+    if cfg.train.grad_accum < 1:
+        raise ValueError(f"train.grad_accum={cfg.train.grad_accum} must be >= 1")
+    dit = cfg.model.dit_config()
+    any_repa = False
+    for i, stage in enumerate(cfg.curriculum.stages):
+        validate_stage(i, stage, dp_size=dp, grad_accum=cfg.train.grad_accum)
+        route = stage.routing if stage.routing is not None else RoutingConfig(ratio=0.0)
+        try:
+            MotifDiTConfig(**{**asdict(dit), "routing": asdict(route)})
+        except ValueError as e:
+            raise ValueError(f"curriculum.stages[{i}].routing: {e}") from None
+        any_repa |= stage.repa
+    if any_repa and dit.repa.block is None:
+        raise ValueError("a curriculum stage has repa: true but model.repa.block is null; set model.repa.block "
+                         "(an encoder block index, e.g. 8) or turn REPA off in every stage")
+    if any_repa and cfg.objective.repa.weight > 0 and cfg.encoders.root is None:
+        raise ValueError("REPA is on but encoders.root is null: the V-JEPA 2 teacher is loaded from "
+                         "<encoders.root>/teacher")
+    if cfg.objective.conditioning.text_dropout > 0 and cfg.encoders.root is None:
+        raise ValueError("objective.conditioning.text_dropout > 0 needs the empty-prompt embedding from "
+                         "<encoders.root>/text_encoder; set encoders.root or text_dropout: 0")
+    if cfg.train.steps is not None and cfg.train.steps < 1:
+        raise ValueError(f"train.steps={cfg.train.steps} must be >= 1 (or null for the curriculum's total)")
+    if cfg.profile.steps and (len(cfg.profile.steps) != 2 or not 1 <= cfg.profile.steps[0] <= cfg.profile.steps[1]):
+        raise ValueError(f"profile.steps={cfg.profile.steps}: give [first, last] with 1 <= first <= last")

@@ -1,0 +1,76 @@
+"""Curriculum: training stages inside one run (resolution, batch, LR, shift, REPA, routing)."""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from motif_train.models.config import RoutingConfig
+
+
+@dataclass
+class StageConfig:
+    """One stage. buckets: (frames, height, width) pixel shapes, frames = 1+4k, sizes % 16 == 0.
+
+    global_batch: samples per optimizer step over all ranks. lr / shift / i2v_prob: None keeps
+    the run-level value. routing: None = no TREAD in this stage.
+    """
+
+    name: str = "stage"
+    steps: int = 100
+    buckets: list[list[int]] = field(default_factory=lambda: [[9, 64, 96]])
+    global_batch: int = 2
+    lr: float | None = None
+    shift: float | None = None
+    repa: bool = False
+    routing: RoutingConfig | None = None
+    i2v_prob: float | None = None
+
+
+@dataclass
+class CurriculumConfig:
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+
+
+def validate_stage(i: int, s: StageConfig, *, dp_size: int, grad_accum: int) -> None:
+    key = f"curriculum.stages[{i}]"
+    if s.steps < 1:
+        raise ValueError(f"{key}.steps={s.steps} must be >= 1")
+    if not s.buckets:
+        raise ValueError(f"{key}.buckets is empty: give at least one [frames, height, width]")
+    for b in s.buckets:
+        if len(b) != 3:
+            raise ValueError(f"{key}.buckets: {b} must be [frames, height, width]")
+        f, h, w = b
+        if f < 1 or (f - 1) % 4:
+            raise ValueError(f"{key}.buckets: frames={f} must be 1+4k (1, 5, 9, ..., 121) for the Wan VAE")
+        if h % 16 or w % 16:
+            raise ValueError(f"{key}.buckets: {h}x{w} must be divisible by 16 (VAE x8, patch x2)")
+    per_step = dp_size * grad_accum
+    if s.global_batch % per_step:
+        raise ValueError(f"{key}.global_batch={s.global_batch} is not divisible by data-parallel size {dp_size} x "
+                         f"train.grad_accum {grad_accum} = {per_step}; use a multiple of {per_step}")
+
+
+class Curriculum:
+    """Maps a global optimizer step (1-based) to its stage."""
+
+    def __init__(self, cfg: CurriculumConfig) -> None:
+        if not cfg.stages:
+            raise ValueError("curriculum.stages is empty")
+        self.stages = list(cfg.stages)
+        self.ends = []  # last step of each stage
+        total = 0
+        for s in self.stages:
+            total += s.steps
+            self.ends.append(total)
+
+    @property
+    def total_steps(self) -> int:
+        return self.ends[-1]
+
+    def index_at(self, step: int) -> int:
+        return min(bisect.bisect_left(self.ends, step), len(self.stages) - 1)
+
+    def stage_at(self, step: int) -> StageConfig:
+        return self.stages[self.index_at(step)]

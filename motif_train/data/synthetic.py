@@ -1,0 +1,99 @@
+"""Deterministic synthetic data with the shapes of the configured buckets.
+
+Stands in for the real shard loader (data issue) behind the same interface: every rank draws
+the same bucket at each step; a step consumes `global_batch` consecutive global sample ids and
+rank r takes its slice, so the position (samples consumed) is world-size independent and a
+resume on a different number of ranks neither repeats nor skips a sample. Sample content is a
+pure function of (seed, sample id).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+
+from .batch import Batch
+from .curriculum import StageConfig
+
+
+@dataclass
+class SyntheticDataConfig:
+    _target_: str = "motif_train.data.synthetic.SyntheticSource"
+    text_len: list[int] = field(default_factory=lambda: [4, 16])  # [min, max] true text tokens
+    image_tokens: int = 16  # SigLIP tokens per first frame
+    teacher_size: int = 32  # square side of the REPA teacher input
+
+
+def _seed(*keys: int) -> int:
+    h = hashlib.blake2b(":".join(map(str, keys)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class SyntheticSource:
+    """`next_step(step) -> list[Batch]`: this rank's `grad_accum` micro-batches for one step."""
+
+    def __init__(self, cfg: SyntheticDataConfig, *, text_dim: int, image_dim: int | None, seed: int,
+                 dp_rank: int, dp_size: int, grad_accum: int) -> None:
+        self.cfg, self.text_dim, self.image_dim, self.seed = cfg, text_dim, image_dim, seed
+        self.dp_rank, self.dp_size, self.grad_accum = dp_rank, dp_size, grad_accum
+        self.consumed = 0  # global samples handed out before the next step
+        self.stage: StageConfig | None = None
+        self.want_teacher = False
+
+    # ---- interface shared with the real loader -------------------------------------------
+    def set_stage(self, stage: StageConfig, *, teacher: bool) -> None:
+        self.stage, self.want_teacher = stage, teacher
+
+    def bucket_for(self, step: int) -> list[int]:
+        """Same bucket on every rank: a function of (seed, step) only."""
+        buckets = self.stage.buckets
+        return list(buckets[_seed(self.seed, step, 0xB0) % len(buckets)])
+
+    def next_step(self, step: int) -> list[Batch]:
+        g = self.stage.global_batch
+        per_rank = g // self.dp_size
+        micro = per_rank // self.grad_accum
+        start = self.consumed + self.dp_rank * per_rank
+        bucket = self.bucket_for(step)
+        batches = [self._batch(range(start + m * micro, start + (m + 1) * micro), bucket)
+                   for m in range(self.grad_accum)]
+        self.consumed += g
+        return batches
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed = int(state["consumed"])
+
+    # ---- content -------------------------------------------------------------------------
+    def _sample(self, idx: int, bucket: list[int]) -> dict:
+        f, h, w = bucket
+        gen = torch.Generator().manual_seed(_seed(self.seed, idx))
+        lo, hi = self.cfg.text_len
+        length = int(torch.randint(lo, hi + 1, (1,), generator=gen))
+        s = {
+            "key": f"synthetic/{idx:09d}",
+            "latents": torch.randn(16, 1 + (f - 1) // 4, h // 8, w // 8, generator=gen),
+            "text": torch.randn(length, self.text_dim, generator=gen),
+        }
+        if self.image_dim is not None:
+            s["image"] = torch.randn(self.cfg.image_tokens, self.image_dim, generator=gen)
+        if self.want_teacher:
+            t = self.cfg.teacher_size
+            s["teacher"] = torch.rand(3, f + 1, t, t, generator=gen) * 2 - 1
+        return s
+
+    def _batch(self, ids: range, bucket: list[int]) -> Batch:
+        samples = [self._sample(i, bucket) for i in ids]
+        width = max(s["text"].shape[0] for s in samples)
+        text = torch.zeros(len(samples), width, self.text_dim)
+        mask = torch.zeros(len(samples), width, dtype=torch.bool)
+        for j, s in enumerate(samples):
+            n = s["text"].shape[0]
+            text[j, :n], mask[j, :n] = s["text"], True
+        stack = lambda k: torch.stack([s[k] for s in samples]) if k in samples[0] else None  # noqa: E731
+        return Batch(latents=stack("latents"), text=text, text_mask=mask, image_embeds=stack("image"),
+                     teacher_pixels=stack("teacher"), keys=tuple(s["key"] for s in samples))

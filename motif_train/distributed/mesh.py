@@ -1,0 +1,114 @@
+"""Process group and DeviceMesh from the world: 1-D FSDP or 2-D HSDP (replicate x shard)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+@dataclass
+class ParallelConfig:
+    """Data-parallel layout and precision.
+
+    dp_replicate x dp_shard must equal the world size. -1 means "derive": dp_replicate=-1
+    replicates across nodes (world / LOCAL_WORLD_SIZE) so parameters are sharded within a node
+    only; dp_shard=-1 takes whatever is left.
+    """
+
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    param_dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU (no bf16 units)
+    reduce_dtype: str = "float32"
+    reshard_after_forward: bool = True
+    ac: str = "none"  # none | full | every_k
+    ac_every: int = 2
+    compile: bool | None = None  # None: on for GPU, off for CPU
+    backend: str = "auto"  # auto: nccl on GPU, gloo on CPU
+    timeout_min: int = 30
+
+    def __post_init__(self) -> None:
+        if self.ac not in ("none", "full", "every_k"):
+            raise ValueError(f"parallel.ac={self.ac!r}: use none, full or every_k")
+        if self.ac_every < 1:
+            raise ValueError(f"parallel.ac_every={self.ac_every} must be >= 1")
+        for key in ("param_dtype", "reduce_dtype"):
+            if getattr(self, key) not in ("auto", "float32", "bfloat16", "float16"):
+                raise ValueError(f"parallel.{key}={getattr(self, key)!r}: use auto, float32, bfloat16 or float16")
+        if self.dp_replicate == 0 or self.dp_shard == 0 or self.dp_replicate < -1 or self.dp_shard < -1:
+            raise ValueError("parallel.dp_replicate / parallel.dp_shard must be positive or -1 (derive)")
+
+    def degrees(self, world: int, local_world: int) -> tuple[int, int]:
+        """(replicate, shard) for this world; raises naming the keys when they do not multiply out."""
+        rep = self.dp_replicate if self.dp_replicate != -1 else max(1, world // max(1, local_world))
+        if self.dp_shard == -1:
+            if world % rep:
+                raise ValueError(f"parallel.dp_replicate={rep} does not divide the world size {world}")
+            shard = world // rep
+        else:
+            shard = self.dp_shard
+        if rep * shard != world:
+            raise ValueError(f"parallel.dp_replicate ({rep}) x parallel.dp_shard ({shard}) = {rep * shard} but the "
+                             f"world size is {world}; set one of them to -1 to derive it")
+        return rep, shard
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(backend: str = "auto", timeout_min: int = 30, device: str = "auto") -> DistInfo:
+    """Initialise the default process group from torchrun's env, or a 1-rank group without it.
+
+    gloo on CPU, nccl on GPU (`backend="auto"`). Idempotent.
+    """
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # plain `python -m motif_train.train`: a 1-rank group
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        if backend == "auto":
+            backend = "nccl" if use_cuda else "gloo"
+        kw = {"device_id": dev} if use_cuda else {}
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_min), **kw)
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
+                    local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())), device=dev)
+
+
+def build_mesh(cfg: ParallelConfig, info: DistInfo) -> DeviceMesh:
+    """1-D ("dp_shard",) mesh, or 2-D ("dp_replicate", "dp_shard") for HSDP."""
+    rep, shard = cfg.degrees(info.world_size, info.local_world_size)
+    if rep == 1:
+        return init_device_mesh(info.device.type, (shard,), mesh_dim_names=("dp_shard",))
+    return init_device_mesh(info.device.type, (rep, shard), mesh_dim_names=("dp_replicate", "dp_shard"))
+
+
+def destroy_distributed() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,460 @@
+"""Training metrics: console line, W&B, `metrics.jsonl`, throughput, MFU, data-wait, profiling.
+
+Every rank builds a `MetricsLogger`; only rank 0 prints, writes files or talks to W&B. The
+trainer calls `log_step` once per optimizer step with GLOBAL counts (samples, tokens, FLOPs).
+
+`run_dir/metrics.jsonl` (rank 0, appended, one JSON object per `log_step` call) holds the
+step's raw values, exactly as passed (floats are written by `json.dumps`, i.e. repr-exact):
+
+    {"step": int, "stage": int, "loss/<term>": float, ..., "grad_norm": float, "lr": float,
+     "samples": int, "tokens": int, "flops": float, "step_time": float, "data_wait": float,
+     "<extra key>": float, ...}
+
+Non-finite floats are written with `allow_nan=True` (`NaN`, `Infinity`): not strict JSON, but
+`json.loads` reads them back, which is all the plot and the tests use. A resumed run appends;
+readers keep the last line of a repeated step. Events (`log_event`) go to `run_dir/events.jsonl`.
+
+MFU = window FLOPs/s / (peak_tflops * 1e12 * world_size), against the spec dense bf16 peak.
+This module must never import the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+# Spec dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, keyed by a substring of
+# `torch.cuda.get_device_name()`. Matching is case-insensitive, longest key first, so
+# "H100 PCIe" wins over "H100" and "GH200" over "H200". A plain "H100" (the SXM name is
+# "NVIDIA H100 80GB HBM3") is the SXM part.
+DEVICE_PEAK_TFLOPS: dict[str, float] = {
+    "H100 SXM": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H800": 989.0,
+    "H200": 989.0, "GH200": 989.0, "H20": 148.0,
+    "B200": 2250.0, "GB200": 2500.0, "B100": 1750.0,
+    "A100": 312.0, "A800": 312.0, "A10G": 70.0, "A10": 125.0,
+    "L40S": 362.0, "L40": 181.0, "L4": 121.0,
+    "MI300X": 1307.0, "MI325X": 1307.0,
+}
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+def match_device_name(name: str) -> float | None:
+    """Peak TFLOP/s of a device name from `DEVICE_PEAK_TFLOPS`, or None when unknown."""
+    low = name.lower()
+    for key in sorted(DEVICE_PEAK_TFLOPS, key=len, reverse=True):
+        if key.lower() in low:
+            return DEVICE_PEAK_TFLOPS[key]
+    return None
+
+
+def peak_tflops(device: torch.device | str, override: float | None = None) -> float | None:
+    """Per-device peak for MFU: the override if given, the table on CUDA, else None (CPU)."""
+    if override is not None:
+        return float(override)
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return match_device_name(torch.cuda.get_device_name(device))
+
+
+@dataclass
+class LoggerConfig:
+    log_every: int = 10
+    wandb: bool = True
+    project: str = "motif-video"
+    entity: str | None = None
+    mode: str = "auto"  # auto | online | offline | disabled
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    peak_tflops: float | None = None  # overrides DEVICE_PEAK_TFLOPS
+
+    def __post_init__(self) -> None:
+        if self.mode not in WANDB_MODES:
+            raise ValueError(f"logger.mode={self.mode!r}: expected one of {', '.join(WANDB_MODES)}")
+        if self.log_every < 1:
+            raise ValueError(f"logger.log_every={self.log_every}: must be >= 1")
+
+    def resolved_mode(self) -> str:
+        """"auto": $WANDB_MODE if it names a mode, else online with $WANDB_API_KEY, else offline."""
+        if self.mode != "auto":
+            return self.mode
+        env = os.environ.get("WANDB_MODE", "").strip().lower()
+        if env in ("online", "offline", "disabled"):
+            return env
+        return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+def _peak_memory_gib(device: torch.device) -> tuple[float, str]:
+    """(peak GiB, label): CUDA max allocated since the last reset, else the process max RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30, "cuda"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**30 if sys.platform == "darwin" else 2**20), "rss"
+
+
+def _fmt_count(x: float) -> str:
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.1f}{suffix}"
+    return f"{x:.1f}"
+
+
+class MetricsLogger:
+    """Console + W&B + metrics.jsonl on rank 0; a cheap no-op on every other rank."""
+
+    def __init__(self, cfg: LoggerConfig, run_dir: str | Path, *, rank: int, world_size: int,
+                 device: torch.device, run_name: str, config: dict | None = None, resume_step: int = 0):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.rank, self.world_size = rank, world_size
+        self.device = torch.device(device)
+        self.run_name = run_name
+        self.resume_step = resume_step
+        self.peak = peak_tflops(self.device, cfg.peak_tflops)
+        self.is_main = rank == 0
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.events_path = self.run_dir / "events.jsonl"
+        self.console = Console(soft_wrap=True, highlight=False)
+        self.wandb_run: Any = None
+        self.wandb_dir: Path | None = None
+        self.wandb_id: str | None = None
+        self.last_line: str | None = None
+        self._window: list[dict[str, Any]] = []
+        self._last_step: int | None = None
+        self._closed = False
+        if not self.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.wandb and cfg.resolved_mode() != "disabled":
+            self._init_wandb(config)
+
+    # ---------------------------------------------------------------- W&B
+    def _init_wandb(self, config: dict | None) -> None:
+        mode = self.cfg.resolved_mode()
+        id_path = self.run_dir / "wandb_id.txt"
+        try:
+            import wandb
+
+            if id_path.exists() and id_path.read_text().strip():
+                run_id = id_path.read_text().strip()
+            else:
+                run_id = wandb.util.generate_id()
+                id_path.write_text(run_id + "\n")
+            t0 = time.perf_counter()
+            self.wandb_run = wandb.init(
+                project=self.cfg.project, entity=self.cfg.entity, name=self.run_name, group=self.cfg.group,
+                tags=list(self.cfg.tags) or None, dir=str(self.run_dir), mode=mode, config=config,
+                id=run_id, resume="allow", settings=wandb.Settings(silent=True, init_timeout=120),
+            )
+            self.wandb_id = run_id
+            self.wandb_dir = Path(self.wandb_run.dir).parent
+            self.console.print(f"W&B {mode} run {run_id} ({time.perf_counter() - t0:.1f}s) -> {self.wandb_dir}",
+                               markup=False)
+        except Exception as e:  # noqa: BLE001 - never let W&B take the run down
+            self.wandb_run = None
+            msg = f"W&B disabled for this run: wandb.init ({mode}) failed: {type(e).__name__}: {e}"
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+            self.console.print(f"[bold red]{msg}[/]", markup=True)
+
+    def _wandb_log(self, data: dict[str, Any], step: int) -> None:
+        if self.wandb_run is None:
+            return
+        try:
+            self.wandb_run.log(data, step=step)
+        except Exception as e:  # noqa: BLE001
+            self.console.print(f"W&B log failed at step {step}: {type(e).__name__}: {e}", markup=False)
+
+    # ---------------------------------------------------------------- steps
+    def log_step(self, step: int, *, losses: dict[str, float], grad_norm: float, lr: float, samples: int,
+                 tokens: int, step_time: float, data_wait: float, flops: float, stage: int,
+                 extra: dict[str, float] | None = None) -> dict | None:
+        """Record one optimizer step; at `step % log_every == 0` log the window and return it."""
+        if not self.is_main:
+            return None
+        rec: dict[str, Any] = {"step": int(step), "stage": int(stage)}
+        rec.update({f"loss/{k}": float(v) for k, v in losses.items()})
+        rec.update(grad_norm=float(grad_norm), lr=float(lr), samples=int(samples), tokens=int(tokens),
+                   flops=float(flops), step_time=float(step_time), data_wait=float(data_wait))
+        for k, v in (extra or {}).items():
+            rec[k] = float(v)
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(rec, allow_nan=True) + "\n")
+        self._window.append(rec)
+        self._last_step = int(step)
+        if step % self.cfg.log_every == 0:
+            return self.flush(step)
+        return None
+
+    def flush(self, step: int | None = None) -> dict | None:
+        """Log the accumulated window now (no-op when empty); returns the logged dict."""
+        if not self.is_main or not self._window:
+            return None
+        step = self._last_step if step is None else int(step)
+        win, self._window = self._window, []
+        n = len(win)
+        time_sum = sum(r["step_time"] for r in win)
+        rate = (lambda key: sum(r[key] for r in win) / time_sum) if time_sum > 0 else (lambda key: float("nan"))
+        flops_per_s = rate("flops")
+        mfu = flops_per_s / (self.peak * 1e12 * self.world_size) if self.peak else None
+        mem, mem_label = _peak_memory_gib(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)  # next window reports its own peak
+        last = win[-1]
+
+        out: dict[str, Any] = {}
+        loss_keys = [k for k in last if k.startswith("loss/")]
+        for k in loss_keys:
+            vals = [r[k] for r in win if k in r]
+            out[k] = sum(vals) / len(vals)
+        terms = [k for k in loss_keys if k != "loss/total" and not k.startswith("loss/sigma_q")]
+        if "loss/total" not in out and terms:
+            out["loss/total"] = sum(out[k] for k in terms)
+        extra_keys = [k for k in last if k not in _RAW_KEYS and not k.startswith("loss/")]
+        for k in extra_keys:
+            vals = [r[k] for r in win if k in r]
+            mean = sum(vals) / len(vals)
+            if k.startswith("sigma_q"):
+                out[f"loss/{k}"] = mean
+            else:
+                out[k if "/" in k else f"train/{k}"] = mean
+        out.update({
+            "perf/samples_per_s": rate("samples"),
+            "perf/tokens_per_s": rate("tokens"),
+            "perf/flops_per_s": flops_per_s,
+            "perf/mfu": mfu,
+            "perf/data_wait": sum(r["data_wait"] for r in win) / time_sum if time_sum > 0 else float("nan"),
+            "perf/step_time": time_sum / n,
+            "mem/peak_gib": mem,
+            "sched/lr": last["lr"],
+            "optim/grad_norm": sum(r["grad_norm"] for r in win) / n,
+            "curriculum/stage": last["stage"],
+        })
+
+        terms_str = " ".join(f"{k[5:]} {out[k]:.4f}" for k in terms)
+        total = out.get("loss/total")
+        mfu_str = "n/a" if mfu is None else f"{100 * mfu:.1f}%"
+        line = (f"step {step:>5} | stage {last['stage']} | loss " + ("n/a" if total is None else f"{total:.4f}")
+                + (f" ({terms_str})" if terms_str else "")
+                + f" | gnorm {out['optim/grad_norm']:.2f} | lr {last['lr']:.2e}"
+                + f" | {out['perf/samples_per_s']:.1f} samples/s | {_fmt_count(out['perf/tokens_per_s'])} tok/s"
+                + f" | mfu {mfu_str} | data {100 * out['perf/data_wait']:.1f}%"
+                + f" | mem {mem:.1f} GiB" + ("" if mem_label == "cuda" else f" ({mem_label})"))
+        self.last_line = line
+        self.console.print(line, markup=False)
+        self._wandb_log({k: v for k, v in out.items() if v is not None}, step)
+        return out
+
+    # ---------------------------------------------------------------- events, media
+    def log_event(self, step: int, message: str, **values: Any) -> None:
+        """Highlighted console line + `event/<k>` (or `<k>` when it has a '/') to W&B + events.jsonl."""
+        if not self.is_main:
+            return
+        vals = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+        self.console.print(f"[bold yellow]>> step {step} | {message}[/]" + (f" [dim]{vals}[/]" if vals else ""))
+        with self.events_path.open("a") as f:
+            f.write(json.dumps({"step": int(step), "event": message, **values}, allow_nan=True, default=str) + "\n")
+        data = {(k if "/" in k else f"event/{k}"): v for k, v in values.items() if isinstance(v, int | float)}
+        if data:
+            self._wandb_log(data, step)
+
+    def log_video(self, step: int, key: str, frames_uint8: np.ndarray, fps: int | float) -> None:
+        """Log (T, H, W, 3) uint8 frames as a `wandb.Video` (mp4 encoded with PyAV); no-op without W&B."""
+        if not self.is_main or self.wandb_run is None:
+            return
+        import wandb
+
+        frames = np.asarray(frames_uint8)
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise ValueError(f"log_video: expected (T, H, W, 3) uint8 frames, got {frames.shape} {frames.dtype}")
+        path = self.run_dir / "media" / f"{key.replace('/', '_')}_step{step}.mp4"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_mp4(frames, path, fps)
+        self._wandb_log({key: wandb.Video(str(path), fps=int(round(fps)), format="mp4")}, step)
+
+    # ---------------------------------------------------------------- close
+    def close(self) -> Path | None:
+        """Flush the open window, plot `loss.png` from metrics.jsonl, finish W&B; returns the PNG path."""
+        if not self.is_main or self._closed:
+            return None
+        self._closed = True
+        self.flush()
+        png = None
+        try:
+            png = plot_losses(self.metrics_path, self.run_dir / "loss.png")
+        except Exception as e:  # noqa: BLE001 - a plot must not fail the run's end
+            self.console.print(f"loss plot failed: {type(e).__name__}: {e}", markup=False)
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.finish()
+            except Exception as e:  # noqa: BLE001
+                self.console.print(f"wandb.finish failed: {type(e).__name__}: {e}", markup=False)
+            self.wandb_run = None
+        return png
+
+
+_RAW_KEYS = {"step", "stage", "grad_norm", "lr", "samples", "tokens", "flops", "step_time", "data_wait"}
+
+
+def _write_mp4(frames: np.ndarray, path: Path, fps: int | float) -> None:
+    import av
+
+    t, h, w, _ = frames.shape
+    frames = frames[:, : h - h % 2, : w - w % 2]  # yuv420p needs even sizes
+    with av.open(str(path), "w") as container:
+        try:
+            stream = container.add_stream("libx264", rate=int(round(fps)))
+        except Exception:  # noqa: BLE001 - FFmpeg builds without x264
+            stream = container.add_stream("mpeg4", rate=int(round(fps)))
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """metrics.jsonl lines sorted by step, the last line winning where a resume repeated a step."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    by_step: dict[int, dict] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            by_step[int(rec["step"])] = rec
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def plot_losses(metrics_path: str | Path, out_path: str | Path) -> Path | None:
+    """Loss terms vs step (+ sigma-bucket panel when present) with a moving average; None if empty."""
+    recs = read_metrics(metrics_path)
+    if not recs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    series: dict[str, tuple[list[int], list[float]]] = defaultdict(lambda: ([], []))
+    for r in recs:
+        for k, v in r.items():
+            if k.startswith("loss/") or k.startswith("sigma_q"):
+                name = k[5:] if k.startswith("loss/") else k
+                if v is not None and math.isfinite(v):
+                    series[name][0].append(r["step"])
+                    series[name][1].append(v)
+    main = {k: v for k, v in series.items() if not k.startswith("sigma_q")}
+    sigma = {k: v for k, v in series.items() if k.startswith("sigma_q")}
+    panels = [(main, "loss terms")] + ([(sigma, "loss by sigma quartile")] if sigma else [])
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 3.6 * len(panels)), squeeze=False, sharex=True)
+    for ax, (group, title) in zip(axes[:, 0], panels, strict=True):
+        for i, (name, (xs, ys)) in enumerate(sorted(group.items())):
+            color = f"C{i % 10}"
+            ax.plot(xs, ys, color=color, alpha=0.3, linewidth=0.8)
+            win = max(1, min(50, len(ys) // 10))
+            ma = np.convolve(ys, np.ones(win) / win, mode="valid") if len(ys) >= win else np.asarray(ys)
+            ax.plot(xs[win - 1:] if len(ys) >= win else xs, ma, color=color, linewidth=1.6,
+                    label=f"{name} (MA{win})")
+        ax.set_title(title)
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        if group:
+            ax.legend(fontsize=8, loc="upper right")
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    out_path = Path(out_path)
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path
+
+
+class Profiler:
+    """torch.profiler trace (+ CUDA memory snapshot) over training steps a..b inclusive.
+
+    Use as `with Profiler(steps, run_dir, device, start_step=resume_step) as prof:` and call
+    `prof.step(step)` at the end of each step: the profiler starts before step a (at the end of
+    step a-1, or on entry when a == start_step + 1) and exports at the end of step b to
+    `run_dir/profile/trace_steps_a-b[_rank{r}].json` (rank suffix only when world_size > 1).
+    """
+
+    def __init__(self, steps: list[int] | tuple[int, ...] | None, run_dir: str | Path, device: torch.device | str,
+                 *, start_step: int = 0, rank: int | None = None, world_size: int | None = None):
+        dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.rank = rank if rank is not None else (torch.distributed.get_rank() if dist_on else 0)
+        self.world_size = world_size if world_size is not None else (
+            torch.distributed.get_world_size() if dist_on else 1)
+        self.device = torch.device(device)
+        self.out_dir = Path(run_dir) / "profile"
+        self.start_step = start_step
+        self.window: tuple[int, int] | None = None
+        self.trace_path: Path | None = None
+        self.snapshot_path: Path | None = None
+        self._prof: torch.profiler.profile | None = None
+        if steps:
+            steps = list(steps)
+            if len(steps) != 2 or not all(isinstance(s, int) for s in steps):
+                raise ValueError(f"profile.steps={steps}: expected [first, last] (inclusive step numbers)")
+            a, b = steps
+            if a < 1 or a > b:
+                raise ValueError(f"profile.steps={steps}: need 1 <= first <= last")
+            self.window = (a, b)
+
+    @property
+    def active(self) -> bool:
+        return self._prof is not None
+
+    def __enter__(self) -> Profiler:
+        self._maybe_start(self.start_step + 1)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._prof is not None:  # loop ended inside the window: keep what was recorded
+            self._stop()
+
+    def step(self, step: int) -> None:
+        """Call at the end of training step `step`."""
+        if self.window is None:
+            return
+        if self._prof is not None and step >= self.window[1]:
+            self._stop()
+        else:
+            self._maybe_start(step + 1)
+
+    def _maybe_start(self, next_step: int) -> None:
+        if self.window is None or self._prof is not None or next_step != self.window[0]:
+            return
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+            torch.cuda.memory._record_memory_history(max_entries=100_000)
+        self._prof = torch.profiler.profile(activities=activities, record_shapes=True, with_stack=False)
+        self._prof.__enter__()
+
+    def _stop(self) -> None:
+        prof, self._prof = self._prof, None
+        assert prof is not None and self.window is not None
+        prof.__exit__(None, None, None)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        a, b = self.window
+        suffix = f"_rank{self.rank}" if self.world_size > 1 else ""
+        self.trace_path = self.out_dir / f"trace_steps_{a}-{b}{suffix}.json"
+        prof.export_chrome_trace(str(self.trace_path))
+        if self.device.type == "cuda":
+            self.snapshot_path = self.out_dir / f"memory_snapshot_rank{self.rank}.pickle"
+            torch.cuda.memory._dump_snapshot(str(self.snapshot_path))
+            torch.cuda.memory._record_memory_history(enabled=None)
+        self.window = None  # one window per run
