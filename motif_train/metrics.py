@@ -24,6 +24,8 @@ import json
 import math
 import os
 import resource
+import secrets
+import string
 import sys
 import time
 import warnings
@@ -106,10 +108,8 @@ def _peak_memory_gib(device: torch.device) -> tuple[float, str]:
 
 
 def _fmt_count(x: float) -> str:
-    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= div:
-            return f"{x / div:.1f}{suffix}"
-    return f"{x:.1f}"
+    div, suffix = next(((d, s) for d, s in ((1e9, "G"), (1e6, "M"), (1e3, "k")) if abs(x) >= d), (1.0, ""))
+    return f"{x / div:.1f}{suffix}"
 
 
 class MetricsLogger:
@@ -117,21 +117,19 @@ class MetricsLogger:
 
     def __init__(self, cfg: LoggerConfig, run_dir: str | Path, *, rank: int, world_size: int,
                  device: torch.device, run_name: str, config: dict | None = None, resume_step: int = 0):
-        self.cfg = cfg
-        self.run_dir = Path(run_dir)
+        self.cfg, self.run_dir = cfg, Path(run_dir)
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
-        self.run_name = run_name
-        self.resume_step = resume_step
+        self.run_name, self.resume_step = run_name, resume_step
         self.peak = peak_tflops(self.device, cfg.peak_tflops)
         self.is_main = rank == 0
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.events_path = self.run_dir / "events.jsonl"
         self.console = Console(soft_wrap=True, highlight=False)
         self.wandb_run: Any = None
-        self.wandb_dir: Path | None = None
+        self.wandb_dir: Path | None = None  # the run's local dir, wandb.run.dir's parent
         self.wandb_id: str | None = None
-        self.last_line: str | None = None
+        self.last_line: str | None = None  # the last console step line
         self._window: list[dict[str, Any]] = []
         self._last_step: int | None = None
         self._closed = False
@@ -151,7 +149,7 @@ class MetricsLogger:
             if id_path.exists() and id_path.read_text().strip():
                 run_id = id_path.read_text().strip()
             else:
-                run_id = wandb.util.generate_id()
+                run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
                 id_path.write_text(run_id + "\n")
             t0 = time.perf_counter()
             self.wandb_run = wandb.init(
@@ -204,42 +202,37 @@ class MetricsLogger:
             return None
         step = self._last_step if step is None else int(step)
         win, self._window = self._window, []
-        n = len(win)
+        n, last = len(win), win[-1]
+        keys = list(dict.fromkeys(k for r in win for k in r))  # union, first-seen order
+
+        def mean(k: str) -> float:
+            vals = [r[k] for r in win if k in r]
+            return sum(vals) / len(vals)
+
         time_sum = sum(r["step_time"] for r in win)
-        rate = (lambda key: sum(r[key] for r in win) / time_sum) if time_sum > 0 else (lambda key: float("nan"))
-        flops_per_s = rate("flops")
-        mfu = flops_per_s / (self.peak * 1e12 * self.world_size) if self.peak else None
+        rate = (lambda k: sum(r[k] for r in win) / time_sum) if time_sum > 0 else (lambda k: math.nan)
+        mfu = rate("flops") / (self.peak * 1e12 * self.world_size) if self.peak else None
         mem, mem_label = _peak_memory_gib(self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)  # next window reports its own peak
-        last = win[-1]
 
-        out: dict[str, Any] = {}
-        loss_keys = [k for k in last if k.startswith("loss/")]
-        for k in loss_keys:
-            vals = [r[k] for r in win if k in r]
-            out[k] = sum(vals) / len(vals)
-        terms = [k for k in loss_keys if k != "loss/total" and not k.startswith("loss/sigma_q")]
+        out: dict[str, Any] = {k: mean(k) for k in keys if k.startswith("loss/")}
+        terms = [k for k in out if k != "loss/total" and not k.startswith("loss/sigma_q")]
         if "loss/total" not in out and terms:
             out["loss/total"] = sum(out[k] for k in terms)
-        extra_keys = [k for k in last if k not in _RAW_KEYS and not k.startswith("loss/")]
-        for k in extra_keys:
-            vals = [r[k] for r in win if k in r]
-            mean = sum(vals) / len(vals)
-            if k.startswith("sigma_q"):
-                out[f"loss/{k}"] = mean
-            else:
-                out[k if "/" in k else f"train/{k}"] = mean
+        for k in keys:
+            if k not in _RAW_KEYS and not k.startswith("loss/"):
+                out[f"loss/{k}" if k.startswith("sigma_q") else k if "/" in k else f"train/{k}"] = mean(k)
         out.update({
             "perf/samples_per_s": rate("samples"),
             "perf/tokens_per_s": rate("tokens"),
-            "perf/flops_per_s": flops_per_s,
+            "perf/flops_per_s": rate("flops"),
             "perf/mfu": mfu,
-            "perf/data_wait": sum(r["data_wait"] for r in win) / time_sum if time_sum > 0 else float("nan"),
+            "perf/data_wait": rate("data_wait"),
             "perf/step_time": time_sum / n,
             "mem/peak_gib": mem,
             "sched/lr": last["lr"],
-            "optim/grad_norm": sum(r["grad_norm"] for r in win) / n,
+            "optim/grad_norm": mean("grad_norm"),
             "curriculum/stage": last["stage"],
         })
 
@@ -311,7 +304,7 @@ _RAW_KEYS = {"step", "stage", "grad_norm", "lr", "samples", "tokens", "flops", "
 def _write_mp4(frames: np.ndarray, path: Path, fps: int | float) -> None:
     import av
 
-    t, h, w, _ = frames.shape
+    h, w = frames.shape[1:3]
     frames = frames[:, : h - h % 2, : w - w % 2]  # yuv420p needs even sizes
     with av.open(str(path), "w") as container:
         try:
@@ -319,11 +312,9 @@ def _write_mp4(frames: np.ndarray, path: Path, fps: int | float) -> None:
         except Exception:  # noqa: BLE001 - FFmpeg builds without x264
             stream = container.add_stream("mpeg4", rate=int(round(fps)))
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+        for frame in [*frames, None]:  # None flushes the encoder
+            vf = None if frame is None else av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            container.mux(stream.encode(vf))
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -365,19 +356,16 @@ def plot_losses(metrics_path: str | Path, out_path: str | Path) -> Path | None:
         for i, (name, (xs, ys)) in enumerate(sorted(group.items())):
             color = f"C{i % 10}"
             ax.plot(xs, ys, color=color, alpha=0.3, linewidth=0.8)
-            win = max(1, min(50, len(ys) // 10))
-            ma = np.convolve(ys, np.ones(win) / win, mode="valid") if len(ys) >= win else np.asarray(ys)
-            ax.plot(xs[win - 1:] if len(ys) >= win else xs, ma, color=color, linewidth=1.6,
-                    label=f"{name} (MA{win})")
-        ax.set_title(title)
-        ax.set_ylabel("loss")
+            win = max(1, min(50, len(ys) // 10))  # always <= len(ys)
+            ma = np.convolve(ys, np.ones(win) / win, mode="valid")
+            ax.plot(xs[win - 1:], ma, color=color, linewidth=1.6, label=f"{name} (MA{win})")
+        ax.set(title=title, ylabel="loss")
         ax.grid(alpha=0.3)
         if group:
             ax.legend(fontsize=8, loc="upper right")
     axes[-1, 0].set_xlabel("step")
     fig.tight_layout()
-    out_path = Path(out_path)
-    fig.savefig(out_path, dpi=110)
+    fig.savefig(out_path := Path(out_path), dpi=110)
     plt.close(fig)
     return out_path
 
@@ -399,8 +387,7 @@ class Profiler:
             torch.distributed.get_world_size() if dist_on else 1)
         self.device = torch.device(device)
         self.out_dir = Path(run_dir) / "profile"
-        self.start_step = start_step
-        self.window: tuple[int, int] | None = None
+        self.start_step, self.window = start_step, None
         self.trace_path: Path | None = None
         self.snapshot_path: Path | None = None
         self._prof: torch.profiler.profile | None = None

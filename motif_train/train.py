@@ -6,10 +6,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError
 
 from motif_train.config import TrainConfig, register_configs
 
@@ -19,8 +21,34 @@ register_configs()
 
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:
-    """Composed DictConfig -> typed dataclasses (runs every __post_init__ check)."""
+    """Composed DictConfig -> typed dataclasses (runs every __post_init__ check).
+
+    Re-merging onto the strict schema catches keys force-added with `+key=value`, which Hydra
+    lets through; `data` stays open (its `_target_` class defines its own keys).
+    """
+    reject_unknown_keys(cfg)
     return OmegaConf.to_object(cfg)
+
+
+def reject_unknown_keys(node, path: str = "") -> None:
+    """Every key of a typed node must be a field of its dataclass (catches `+typo=...`)."""
+    if isinstance(node, DictConfig):
+        if node._is_none() or node._is_missing():
+            return
+        cls = OmegaConf.get_type(node)
+        if dataclasses.is_dataclass(cls):
+            extra = set(node.keys()) - {f.name for f in dataclasses.fields(cls)}
+            if extra:
+                raise ConfigKeyError(f"unknown key(s) {sorted(extra)} under '{path or '<root>'}' "
+                                     f"({cls.__name__}); check the spelling")
+        items = node.items_ex(resolve=False)
+    elif isinstance(node, ListConfig) and not node._is_none():
+        items = enumerate(node)
+    else:
+        return
+    for k, v in items:
+        if isinstance(v, (DictConfig, ListConfig)):
+            reject_unknown_keys(v, f"{path}.{k}" if path else str(k))
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

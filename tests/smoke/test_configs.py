@@ -1,0 +1,74 @@
+"""Every config group option and experiment composes onto the typed schema and validates."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+from motif_train.config import TrainConfig, validate
+from motif_train.train import CONFIG_DIR, to_train_config
+
+GROUPS = ["model", "optim", "parallel", "checkpoint", "logger", "data", "curriculum", "experiment"]
+
+
+def _compose(overrides=()) -> TrainConfig:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(overrides))
+    return to_train_config(cfg)
+
+
+def _options(group):
+    return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
+def test_every_group_option_composes(group, option):
+    cfg = _compose([f"{group}={option}"])
+    assert isinstance(cfg, TrainConfig)
+
+
+@pytest.mark.parametrize("experiment,world,local", [("tiny_cpu", 2, 2), ("tiny_cpu", 1, 1),
+                                                    ("motif_video_2b_64xh200", 64, 8), ("finetune_i2v", 8, 8)])
+def test_experiments_validate(experiment, world, local):
+    cfg = _compose([f"experiment={experiment}"])
+    validate(cfg, world_size=world, local_world_size=local)
+    if experiment == "motif_video_2b_64xh200":
+        assert cfg.parallel.degrees(world, local) == (8, 8)  # HSDP: shard in a node, replicate across nodes
+        assert cfg.model.num_layers == 12 and cfg.model.repa.block == 8 and len(cfg.curriculum.stages) == 4
+        assert cfg.parallel.ac == "full" and cfg.parallel.compile and cfg.parallel.param_dtype == "bfloat16"
+
+
+def test_resolved_config_round_trips():
+    cfg = _compose(["experiment=tiny_cpu", "run_dir=/tmp/x"])
+    assert cfg.encoders.root == "/tmp/x/encoders"
+    again = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.structured(cfg)))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("override", ["optim.lrr=1", "train.grad_accum=two", "model.num_layers=two"])
+def test_typos_fail_at_composition(override):
+    with pytest.raises(ConfigCompositionException):
+        _compose(["experiment=tiny_cpu", override])
+
+
+@pytest.mark.parametrize("override", ["+optim.lrr=1", "+model.num_layerz=3", "+train.foo=1"])
+def test_force_added_keys_fail_too(override):
+    with pytest.raises((ConfigAttributeError, ConfigKeyError, ValidationError)):
+        _compose(["experiment=tiny_cpu", override])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("curriculum.stages.0.buckets=[[8,64,96]]", r"curriculum.stages\[0\].buckets: frames=8 must be 1\+4k"),
+    ("curriculum.stages.0.buckets=[[9,72,96]]", r"curriculum.stages\[0\].buckets: 72x96 must be divisible by 16"),
+    ("curriculum.stages.0.global_batch=3", r"curriculum.stages\[0\].global_batch=3 is not divisible"),
+    ("curriculum.stages.0.routing.end=4", r"curriculum.stages\[0\].routing.*crosses the encoder->decoder"),
+    ("model.repa.block=4", r"model.repa.block"),
+    ("parallel.dp_replicate=3", r"parallel.dp_replicate"),
+    ("encoders.root=null", r"encoders.root"),
+])
+def test_bad_configs_fail_before_work_naming_the_key(override, message):
+    with pytest.raises(ValueError, match=message):
+        validate(_compose(["experiment=tiny_cpu", override]), world_size=2)
