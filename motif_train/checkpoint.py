@@ -263,7 +263,7 @@ class CheckpointManager:
         """Save ``states`` at ``step``; returns the seconds the caller was blocked."""
         t0 = time.perf_counter()
         self.wait()  # at most one save in flight
-        if self._last_step == step:  # e.g. the end-of-run save right after a periodic one
+        if self._last_step == step:  # e.g. the end-of-run save right after a periodic one (same state)
             return time.perf_counter() - t0
         train_state = dict(extra)
         train_state.setdefault("step", step)
@@ -355,7 +355,10 @@ class CheckpointManager:
         dcp.load(states, checkpoint_id=str(path), planner=_SafeLoadPlanner())
         extra = json.loads((path / TRAIN_STATE).read_text())
         extra["rng_restored"] = self._load_rng(path, seed=int(extra.get("seed", 0)), step=int(extra.get("step", 0)))
-        self._last_step = int(extra.get("step", -1))
+        # A save at the resumed step would rewrite the same state: skip it only if it is ours.
+        step = int(extra.get("step", -1))
+        same_dir = path.resolve() == self.step_dir(step).resolve()
+        self._last_step = step if same_dir else None
         return extra
 
     # ------------------------------------------------------------------ RNG

@@ -21,10 +21,10 @@ from motif_train.checkpoint import CheckpointManager, ModelState, OptimizerState
 from motif_train.config import TrainConfig, validate
 from motif_train.data.curriculum import Curriculum
 from motif_train.distributed import build_mesh, init_distributed, parallelize_model
-from motif_train.ema import EMA
+from motif_train.ema import EMA, clean_name
 from motif_train.metrics import MetricsLogger, Profiler
 from motif_train.models import MotifDiT, RoutingConfig
-from motif_train.models.convert import check_tied_copies, load_diffusers_folder
+from motif_train.models.convert import check_tied_copies, drop_tied_duplicates, load_diffusers_folder
 from motif_train.models.flops import model_flops, num_video_tokens
 from motif_train.objectives import DiffusionObjective, ObjectiveConfig, total_loss
 from motif_train.optim import build_lr_scheduler, build_optimizer
@@ -41,6 +41,7 @@ class Trainer:
         self.dist = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_min, cfg.train.device)
         validate(cfg, world_size=self.dist.world_size, local_world_size=self.dist.local_world_size)
         self.device = self.dist.device
+        torch.manual_seed(cfg.train.seed)  # model init and training draws use explicit seeded generators
         self.run_dir = Path(cfg.run_dir)
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -71,7 +72,7 @@ class Trainer:
         self.metrics = MetricsLogger(cfg.logger, self.run_dir, rank=self.dist.rank, world_size=self.dist.world_size,
                                      device=self.device, run_name=cfg.name,
                                      config=OmegaConf.to_container(OmegaConf.structured(cfg)), resume_step=self.step)
-        self.profiler = Profiler(cfg.profile.steps, self.run_dir, self.device)
+        self.profiler = Profiler(cfg.profile.steps, self.run_dir, self.device, start_step=self.step)
         self.metrics.log_event(self.step, "start", world_size=self.dist.world_size, total_steps=self.total_steps,
                                resumed_from=str(resumed) if resumed else "none", **self.parallel_info)
 
@@ -113,7 +114,7 @@ class Trainer:
         info = parallelize_model(model, self.cfg.parallel, self.mesh, self.device)
         model.to_empty(device=self.device)
         with torch.no_grad():
-            model.init_weights()  # also the REPA head's init when fine-tuning
+            model.init_weights(self.cfg.train.seed)  # also the REPA head's init when fine-tuning
         if spec.init_from:
             self.load_pretrained(model, spec.init_from)
         return model.train(), info
@@ -121,15 +122,17 @@ class Trainer:
     def load_pretrained(self, model: MotifDiT, folder: str) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        dcfg, state = load_diffusers_folder(folder)  # safetensors, memory-mapped on every rank
+        _, state = load_diffusers_folder(folder)  # safetensors, memory-mapped on every rank
         if model.config.shared_kv:
             check_tied_copies(state, model.config)
-        keys = set(model.state_dict())
+        state = drop_tied_duplicates(state, model.config)
+        keys = {clean_name(n) for n, _ in model.named_parameters()}
         missing = [k for k in keys - set(state) if not k.startswith("repa_projector.")]
-        if missing:
-            raise ValueError(f"model.init_from={folder}: weights lack {sorted(missing)[:6]} (config mismatch?)")
-        set_model_state_dict(model, {k: v for k, v in state.items() if k in keys},
-                             options=StateDictOptions(full_state_dict=True, strict=False))
+        unexpected = set(state) - keys
+        if missing or unexpected:
+            raise ValueError(f"model.init_from={folder}: weights do not fit model.* (missing {sorted(missing)[:6]}, "
+                             f"unexpected {sorted(unexpected)[:6]}); is the model preset the checkpoint's config?")
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
     # ---- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -274,6 +277,10 @@ class Trainer:
     def train(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
+        with self.profiler:
+            self._loop()
+
+    def _loop(self) -> None:
         last = min(self.total_steps, self.cfg.train.stop_at or self.total_steps)
         saved_at = self.step
         while self.step < last:

@@ -7,6 +7,8 @@ Cross-Attention parameters live inside their block, so they stay in that block's
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -60,6 +62,12 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, mp: MixedPrecisionPolicy, *,
         for blk in blocks:
             fully_shard(blk, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+
+
+# Our blocks return slices of one tensor (video / context halves). FSDP2 warns that an in-place op
+# on such a view would skip its pre-backward hook; nothing downstream modifies block outputs in
+# place (routing scatters out of place), so the warning is noise here.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
 
 def parallelize_model(model: nn.Module, cfg: ParallelConfig, mesh: DeviceMesh, device: torch.device) -> dict:

@@ -52,6 +52,15 @@ def check_tied_copies(state_dict: dict[str, torch.Tensor], config: MotifDiTConfi
             )
 
 
+def drop_tied_duplicates(state_dict: dict[str, torch.Tensor], config: MotifDiTConfig) -> dict[str, torch.Tensor]:
+    """The state dict without the cross-attention copies of tied tensors (for loaders such as
+    `set_model_state_dict` that expect one key per parameter). Call `check_tied_copies` first."""
+    if not config.shared_kv:
+        return dict(state_dict)
+    dup = {x for _, x in _tied_pairs(config)}
+    return {k: v for k, v in state_dict.items() if k not in dup}
+
+
 def load_diffusers_folder(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """Read `config.json` and the safetensors weights (single file or sharded index) of a
     diffusers `save_pretrained` folder. Pickled `.bin` weights are refused."""

@@ -16,6 +16,8 @@ block list uniform enough for FSDP2 / activation checkpointing / compile to wrap
 
 from __future__ import annotations
 
+import copy
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +31,7 @@ from diffusers.models.transformers.transformer_motif_video import (
     MotifVideoRotaryPosEmbed,
 )
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .blocks import DualStreamBlock, SingleStreamBlock
 from .config import MotifDiTConfig, RoutingConfig
@@ -59,6 +62,27 @@ class RepaProjector(nn.Sequential):
                          nn.Linear(hidden, out))
 
 
+def _name_seed(seed: int, name: str) -> int:
+    h = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def clean_module_name(name: str) -> str:
+    """Module path without activation-checkpoint / compile wrapper segments."""
+    return name.replace("._checkpoint_wrapped_module", "").replace("._orig_mod", "")
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
+def _assign(p: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full tensor into a parameter, keeping only this rank's shard of a DTensor."""
+    if isinstance(p, DTensor):
+        full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+    p.copy_(full.to(p.dtype))
+
+
 def joint_mask(text_mask: torch.Tensor | None, n_video: int) -> torch.Tensor | None:
     """(B, L) context mask -> bool (B, 1, 1, N+L) with all video positions visible."""
     if text_mask is None:
@@ -69,7 +93,7 @@ def joint_mask(text_mask: torch.Tensor | None, n_video: int) -> torch.Tensor | N
 class MotifDiT(nn.Module):
     def __init__(self, config: MotifDiTConfig) -> None:
         super().__init__()
-        self.config = c = config
+        self.config = c = copy.deepcopy(config)  # set_routing mutates it: never share with the caller
         d = c.inner_dim
         self.x_embedder = MotifVideoPatchEmbed((c.patch_size_t, c.patch_size, c.patch_size), c.in_channels, d)
         self.context_embedder = PixArtAlphaTextProjection(in_features=c.text_embed_dim, hidden_size=d)
@@ -111,33 +135,37 @@ class MotifDiT(nn.Module):
             raise
 
     @torch.no_grad()
-    def init_weights(self, std: float = 0.02) -> None:
-        """Fresh-training init (DiT style): xavier linears, zero biases, zero AdaLN modulation,
-        zero final projection and zero cross-attention output (block == block without it)."""
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv3d)):
-                nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)) and m.weight is not None:
-                nn.init.ones_(m.weight)
-                if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
-        te = self.time_text_embed.timestep_embedder
-        nn.init.normal_(te.linear_1.weight, std=std)
-        nn.init.normal_(te.linear_2.weight, std=std)
-        for blk in self.blocks():
-            for name in ("norm1", "norm1_context", "norm"):
-                if hasattr(blk, name):
-                    nn.init.zeros_(getattr(blk, name).linear.weight)
-                    nn.init.zeros_(getattr(blk, name).linear.bias)
-            if blk.cross_attn is not None:
-                nn.init.zeros_(blk.cross_attn.to_out[0].weight)
-                nn.init.zeros_(blk.cross_attn.to_out[0].bias)
-        nn.init.zeros_(self.norm_out.linear.weight)
-        nn.init.zeros_(self.norm_out.linear.bias)
-        nn.init.zeros_(self.proj_out.weight)
-        nn.init.zeros_(self.proj_out.bias)
+    def init_weights(self, seed: int = 0, std: float = 0.02) -> None:
+        """Fresh-training init (DiT style): xavier linears, zero biases, zero AdaLN modulation, zero
+        final projection and zero cross-attention output (so the block equals one without it).
+
+        Each parameter is drawn in full from a generator seeded by (seed, its name) and, when the
+        model is sharded (FSDP2 DTensors), only the local shard is kept: the result is the same for
+        any world size and never needs the whole model on one rank.
+        """
+        zero = {"norm_out.linear", "proj_out"}
+        for blk_list in ("transformer_blocks", "single_transformer_blocks"):
+            for i, blk in enumerate(getattr(self, blk_list)):
+                for name in ("norm1", "norm1_context", "norm"):
+                    if hasattr(blk, name):
+                        zero.add(f"{blk_list}.{i}.{name}.linear")
+                if blk.cross_attn is not None:
+                    zero.add(f"{blk_list}.{i}.cross_attn.to_out.0")
+        normal = {"time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2"}
+        for mod_name, mod in self.named_modules():
+            mod_name = clean_module_name(mod_name)
+            for p_name, p in mod.named_parameters(recurse=False):
+                full = torch.empty(p.shape, dtype=torch.float32, device=_local(p).device)
+                g = torch.Generator(full.device).manual_seed(_name_seed(seed, f"{mod_name}.{p_name}"))
+                if mod_name in zero or p_name == "bias":
+                    full.zero_()
+                elif isinstance(mod, (nn.LayerNorm, nn.RMSNorm)):
+                    full.fill_(1.0)
+                elif mod_name in normal:
+                    full.normal_(0.0, std, generator=g)
+                else:  # Linear / Conv3d weights: xavier over (fan_out, fan_in)
+                    nn.init.xavier_uniform_(full.view(full.shape[0], -1), generator=g)
+                _assign(p, full)
 
     # ---- forward -----------------------------------------------------------------------
     def forward(
@@ -221,14 +249,14 @@ class MotifDiT(nn.Module):
 
 
 def build_model(config: MotifDiTConfig | dict, *, device: torch.device | str | None = None,
-                dtype: torch.dtype | None = None, init: bool = True) -> MotifDiT:
+                dtype: torch.dtype | None = None, init: bool = True, seed: int = 0) -> MotifDiT:
     """Construct from config; `device="meta"` builds without allocating (FSDP / FLOP counting)."""
     if isinstance(config, dict):
         config = MotifDiTConfig(**config)
     with torch.device(device or "cpu"):
         model = MotifDiT(config)
     if init and str(device) != "meta":
-        model.init_weights()
+        model.init_weights(seed)
     if dtype is not None:
         model.to(dtype)
     return model
