@@ -21,8 +21,8 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: install
-	OMP_NUM_THREADS=2 $(BIN)/python scripts/demo_spine.py --out runs/demo
-	$(BIN)/motif-flops
+	OMP_NUM_THREADS=2 $(BIN)/python scripts/demo_spine.py --out runs/demo_spine
+	$(BIN)/python scripts/demo.py --run-dir runs/demo
 
 test: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests
@@ -32,6 +32,7 @@ test-fast: install
 
 bench: install
 	OMP_NUM_THREADS=2 $(BIN)/python scripts/bench_model.py --out docs/bench/cpu_small.json
+	$(BIN)/python scripts/bench_train.py --out docs/bench/train_cpu.json
 
 flops: install
 	$(BIN)/motif-flops

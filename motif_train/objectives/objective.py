@@ -111,6 +111,8 @@ class DiffusionObjective:
             text, text_mask, _ = apply_text_dropout(text, text_mask, c.conditioning.text_dropout,
                                                     *self.empty_text, generator=generator)
 
+        if text_mask is not None and bool(text_mask.all()):
+            text_mask = None  # nothing padded: lets SDPA pick its fastest (mask-free) kernel
         use_repa = repa and self.repa_active(step)
         if use_repa and batch.teacher_pixels is None:
             raise ValueError(f"REPA is active at step {step} but the batch has no teacher_pixels; "

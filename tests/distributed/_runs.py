@@ -52,6 +52,7 @@ def load_dcp(ckpt: Path, tmp: Path) -> dict:
     import torch
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+    tmp.mkdir(parents=True, exist_ok=True)
     out = tmp / f"{ckpt.name}.pt"
     dcp_to_torch_save(ckpt, out)
     return torch.load(out, weights_only=True)
