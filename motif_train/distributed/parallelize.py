@@ -57,11 +57,15 @@ def mixed_precision(cfg: ParallelConfig, device: torch.device) -> MixedPrecision
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, mp: MixedPrecisionPolicy, *,
                reshard_after_forward: bool = True) -> None:
-    """fully_shard each block, then the root (embedders, norm_out, proj_out, REPA head)."""
+    """fully_shard each block, then the root (embedders, norm_out, proj_out, REPA head).
+
+    The root is left to FSDP's own heuristic (kept unsharded after forward: backward needs it at
+    once); forcing `reshard_after_forward` on it frees parameters backward is about to use.
+    """
     for blocks in _block_lists(model):
         for blk in blocks:
             fully_shard(blk, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
 
 
 # Our blocks return slices of one tensor (video / context halves). FSDP2 warns that an in-place op

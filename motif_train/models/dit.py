@@ -31,6 +31,7 @@ from diffusers.models.transformers.transformer_motif_video import (
     MotifVideoRotaryPosEmbed,
 )
 from torch import nn
+from torch.utils._pytree import register_dataclass
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .blocks import DualStreamBlock, SingleStreamBlock
@@ -52,6 +53,11 @@ class DiTOutput:
     repa_tokens: torch.Tensor | None = None
     repa_ids: torch.Tensor | None = None
     keep_ids: torch.Tensor | None = None
+
+
+# A pytree node, so FSDP2 (pre-backward hooks, output casting), compile and AC see the tensors
+# inside the model output instead of treating it as an opaque leaf.
+register_dataclass(DiTOutput)
 
 
 class RepaProjector(nn.Sequential):

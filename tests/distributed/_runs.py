@@ -55,7 +55,17 @@ def load_dcp(ckpt: Path, tmp: Path) -> dict:
     tmp.mkdir(parents=True, exist_ok=True)
     out = tmp / f"{ckpt.name}.pt"
     dcp_to_torch_save(ckpt, out)
-    return torch.load(out, weights_only=True)
+    flat = {}
+
+    def walk(prefix, node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            flat[prefix[:-1]] = node
+
+    walk("", torch.load(out, weights_only=True))
+    return flat
 
 
 def step_values(rec: dict) -> dict:
