@@ -72,3 +72,26 @@ def test_force_added_keys_fail_too(override):
 def test_bad_configs_fail_before_work_naming_the_key(override, message):
     with pytest.raises(ValueError, match=message):
         validate(_compose(["experiment=tiny_cpu", override]), world_size=2)
+
+
+@pytest.mark.parametrize("experiment", _options("experiment"))
+def test_experiments_instantiate_where_cheap(experiment):
+    from hydra.utils import instantiate
+
+    from motif_train.data.curriculum import Curriculum
+    from motif_train.models import MotifDiT
+    from motif_train.optim import build_lr_scheduler, build_optimizer
+
+    cfg = _compose([f"experiment={experiment}"])
+    import torch
+
+    with torch.device("meta"):
+        model = MotifDiT(cfg.model.dit_config())  # the full 2B preset too: no memory on the meta device
+    src = instantiate(cfg.data, text_dim=cfg.model.text_embed_dim, image_dim=cfg.model.image_embed_dim, seed=0,
+                      dp_rank=0, dp_size=1, grad_accum=1)
+    cur = Curriculum(cfg.curriculum)
+    assert cur.total_steps == sum(s.steps for s in cfg.curriculum.stages)
+    assert hasattr(src, "next_step") and hasattr(src, "state_dict")
+    opt = build_optimizer(model, cfg.optim, torch.device("cpu"))
+    sched = build_lr_scheduler(opt, cfg.optim, cur.total_steps, lambda s: cur.stage_at(s).lr)
+    assert sched.get_last_lr()[0] > 0
