@@ -65,7 +65,7 @@ def bench_gpu(args) -> dict:
             "objective.conditioning.text_dropout=0", "objective.conditioning.i2v_prob=0",
             "data.text_len=[256,256]", "data.image_tokens=16", f"parallel.compile={not args.no_compile}",
             f"parallel.ac={args.ac}", "ema.every=1", f"logger.log_every={args.steps}",
-            "curriculum.stages=[{name: bench, steps: %d, buckets: [[81, 480, 832]], global_batch: 1, repa: false, "
+            "curriculum.stages=[{name: bench, steps: %d, buckets: [[81, 480, 832]], global_batch: 1, repa: false, "  # noqa: UP031
             "shift: 8.0, routing: {start: 2, end: 23, ratio: %s}}]" % (args.steps, ratio),
         ]
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

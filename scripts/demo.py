@@ -37,7 +37,11 @@ def main(argv: list[str] | None = None) -> None:
     while proc.poll() is None:
         steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()] if metrics.exists() else []
         if steps and max(steps) >= args.kill_after:
-            os.killpg(proc.pid, signal.SIGKILL)  # every rank, mid-step: nothing gets to save
+            # torchrun starts its workers in sessions of their own: kill them by pid, then torchrun.
+            workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+            for pid in workers:
+                os.kill(int(pid), signal.SIGKILL)  # every rank, mid-step: nothing gets to save
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             print(f"\n*** killed all ranks (SIGKILL) after step {max(steps)} ***\n", flush=True)
             break
