@@ -31,8 +31,8 @@ from diffusers.models.transformers.transformer_motif_video import (
     MotifVideoRotaryPosEmbed,
 )
 from torch import nn
-from torch.utils._pytree import register_dataclass
 from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.utils._pytree import register_dataclass
 
 from .blocks import DualStreamBlock, SingleStreamBlock
 from .config import MotifDiTConfig, RoutingConfig

@@ -27,7 +27,8 @@ def torchrun_cmd(run_dir: Path, nproc: int, *overrides: str) -> list[str]:
             "-m", "motif_train.train", *FAST, f"run_dir={run_dir}", *overrides]
 
 
-def train(run_dir: Path, nproc: int = 2, *overrides: str, check: bool = True, **env_extra) -> subprocess.CompletedProcess:
+def train(run_dir: Path, nproc: int = 2, *overrides: str, check: bool = True,
+          **env_extra) -> subprocess.CompletedProcess:
     p = subprocess.run(torchrun_cmd(run_dir, nproc, *overrides), env=env(**env_extra), capture_output=True,
                        text=True, timeout=600)
     if check and p.returncode != 0:

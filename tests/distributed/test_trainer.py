@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from ._runs import (ckpt_dir, env, load_dcp, records, step_values, torchrun_cmd, train, train_state)
+from ._runs import ckpt_dir, env, load_dcp, records, step_values, torchrun_cmd, train, train_state
 
 pytestmark = pytest.mark.distributed
 
