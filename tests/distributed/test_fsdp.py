@@ -16,7 +16,7 @@ def _worker(rank: int, world: int, init_file: str, result_dir: str) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard
 
     from motif_train.distributed import ParallelConfig, parallelize_model
     from motif_train.distributed.mesh import DistInfo, build_mesh
@@ -35,7 +35,8 @@ def _worker(rank: int, world: int, init_file: str, result_dir: str) -> None:
               encoder_attention_mask=torch.ones(2, 7, dtype=torch.long))
     results = {}
     for name, pcfg in [("fsdp", ParallelConfig()), ("fsdp_ac", ParallelConfig(ac="full")),
-                       ("fsdp_ac_every2", ParallelConfig(ac="every_k", ac_every=2))]:
+                       ("fsdp_ac_every2", ParallelConfig(ac="every_k", ac_every=2)),
+                       ("hsdp_2x1", ParallelConfig(dp_replicate=2, dp_shard=1))]:
         model = build_model(cfg, device="meta")
         parallelize_model(model, pcfg, build_mesh(pcfg, info), info.device)
         model.to_empty(device="cpu")
@@ -46,7 +47,8 @@ def _worker(rank: int, world: int, init_file: str, result_dir: str) -> None:
         set_model_state_dict(model, drop_tied_duplicates(ref.state_dict(), cfg),
                              options=StateDictOptions(full_state_dict=True, strict=False))
         params = list(model.parameters())
-        assert all(isinstance(p, DTensor) and p.placements == (Shard(0),) for p in params)
+        expect = (Replicate(), Shard(0)) if pcfg.dp_replicate > 1 else (Shard(0),)  # HSDP: 2-D mesh
+        assert all(isinstance(p, DTensor) and p.placements == expect for p in params), name
         blk = model.single_transformer_blocks[0]
         assert blk.cross_attn.to_k is blk.attn.to_k  # the tie survives wrapping and sharding
         out = model(x, **kw, route=False).sample
