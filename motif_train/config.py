@@ -76,11 +76,18 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    data: Any = field(default_factory=SyntheticDataConfig)  # swap point: `_target_` names the source class
+    # Swap point: `_target_` names the source class, whose keyword arguments are the other keys
+    # (an unknown key fails when the source is instantiated, before training starts).
+    data: Any = field(default_factory=lambda: {"_target_": SyntheticDataConfig._target_})
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     objective: ObjectiveSection = field(default_factory=ObjectiveSection)
     encoders: EncodersConfig = field(default_factory=EncodersConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+
+
+def uses_shards(cfg: TrainConfig) -> bool:
+    target = cfg.data.get("_target_", "") if isinstance(cfg.data, dict) else getattr(cfg.data, "_target_", "")
+    return target.endswith("ShardSource")
 
 
 def register_configs() -> None:
@@ -95,8 +102,9 @@ def validate(cfg: TrainConfig, *, world_size: int, local_world_size: int | None 
         raise ValueError(f"train.grad_accum={cfg.train.grad_accum} must be >= 1")
     dit = cfg.model.dit_config()
     any_repa = False
+    planned = uses_shards(cfg)
     for i, stage in enumerate(cfg.curriculum.stages):
-        validate_stage(i, stage, dp_size=dp, grad_accum=cfg.train.grad_accum)
+        validate_stage(i, stage, dp_size=dp, grad_accum=cfg.train.grad_accum, planned=planned)
         route = stage.routing if stage.routing is not None else RoutingConfig(ratio=0.0)
         try:
             MotifDiTConfig(**{**asdict(dit), "routing": asdict(route)})
@@ -109,9 +117,9 @@ def validate(cfg: TrainConfig, *, world_size: int, local_world_size: int | None 
     if any_repa and cfg.objective.repa.weight > 0 and cfg.encoders.root is None:
         raise ValueError("REPA is on but encoders.root is null: the V-JEPA 2 teacher is loaded from "
                          "<encoders.root>/teacher")
-    if cfg.objective.conditioning.text_dropout > 0 and cfg.encoders.root is None:
-        raise ValueError("objective.conditioning.text_dropout > 0 needs the empty-prompt embedding from "
-                         "<encoders.root>/text_encoder; set encoders.root or text_dropout: 0")
+    if cfg.objective.conditioning.text_dropout > 0 and cfg.encoders.root is None and not planned:
+        raise ValueError("objective.conditioning.text_dropout > 0 needs the empty-prompt embedding: from the "
+                         "shards (data=shards) or <encoders.root>/text_encoder; set one or text_dropout: 0")
     if cfg.train.steps is not None and cfg.train.steps < 1:
         raise ValueError(f"train.steps={cfg.train.steps} must be >= 1 (or null for the curriculum's total)")
     if cfg.profile.steps and (len(cfg.profile.steps) != 2 or not 1 <= cfg.profile.steps[0] <= cfg.profile.steps[1]):

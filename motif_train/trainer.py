@@ -59,6 +59,12 @@ class Trainer:
                                 image_dim=self.model.config.image_embed_dim, seed=cfg.train.seed,
                                 dp_rank=self.dist.rank, dp_size=self.dist.world_size,
                                 grad_accum=cfg.train.grad_accum)
+        data_empty = self.data.empty_text() if hasattr(self.data, "empty_text") else None
+        if data_empty is not None:
+            self.empty_text = tuple(t.to(self.device) for t in data_empty)
+        if cfg.objective.conditioning.text_dropout > 0 and self.empty_text is None:
+            raise ValueError("objective.conditioning.text_dropout > 0 but neither the data (empty_prompt.npy) nor "
+                             "encoders.root provides the empty-prompt embedding")
         obj = cfg.objective
         self.objective = DiffusionObjective(
             ObjectiveConfig(flow=obj.flow, conditioning=obj.conditioning, repa=obj.repa, seed=cfg.train.seed),
@@ -95,7 +101,7 @@ class Trainer:
             if teacher.hidden_size != self.cfg.model.repa.teacher_dim:
                 raise ValueError(f"model.repa.teacher_dim={self.cfg.model.repa.teacher_dim} but the teacher in "
                                  f"{root / 'teacher'} has hidden size {teacher.hidden_size}")
-        if self.cfg.objective.conditioning.text_dropout > 0:
+        if self.cfg.objective.conditioning.text_dropout > 0 and (root / "text_encoder").exists():
             text = TextEncoder.from_pretrained(root / "text_encoder", root / "tokenizer")
             e, m = text.encode([""])
             n = int(m[0].sum())  # trimmed, as stored in shards
@@ -191,30 +197,35 @@ class Trainer:
         function of (seed, step, micro, rank), so a resumed run draws exactly the same numbers."""
         return torch.Generator(self.device).manual_seed(_seed(self.cfg.train.seed, step, micro, self.dist.rank))
 
-    def forward_backward(self, batch, step: int, micro: int, n_micro: int) -> dict[str, torch.Tensor]:
+    def forward_backward(self, batch, step: int, micro: int, weight: float) -> dict[str, torch.Tensor]:
+        """One micro-batch; `weight` = its share of this rank's samples (micro-batches may differ in
+        size), so the accumulated gradient is the mean over the rank's samples."""
         out = self.objective(self.model, batch.to(self.device), step=step, micro_step=micro,
                              generator=self.generator(step, micro), repa=self.repa_on)
         loss = total_loss(out.losses, self.objective.config.weights)
         if step in self.cfg.train.debug_nan_steps:
             loss = loss * float("nan")
-        (loss / n_micro).backward()
-        terms = {k: v.detach().float() for k, v in out.losses.items()}
-        terms["total"] = loss.detach().float()
+        (loss * weight).backward()
+        terms = {k: v.detach().float() * weight for k, v in out.losses.items()}
+        terms["total"] = loss.detach().float() * weight
         return {**terms, **{k: v.float() for k, v in out.metrics.items()}}
 
     def train_step(self, batches: list) -> dict:
         """Accumulate over this rank's micro-batches, reduce, clip, guard, step. Returns logs."""
         n = len(batches)
+        total = sum(len(b) for b in batches)
         sums: dict[str, torch.Tensor] = {}
         for micro, batch in enumerate(batches):
             self.model.set_requires_gradient_sync(micro == n - 1)  # reduce-scatter once per step
-            for k, v in self.forward_backward(batch, self.step, micro, n).items():
+            for k, v in self.forward_backward(batch, self.step, micro, len(batch) / total).items():
                 sums[k] = sums.get(k, 0) + v
+        flops, tokens = self.step_flops(batches)
+        sums.update(_samples=total, _tokens=tokens, _flops=flops)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip or float("inf"))
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        logs = self.reduce_logs(sums, n)
-        ok = all(torch.isfinite(torch.tensor(v)) for k, v in logs.items() if not k.startswith("sigma_q")) and \
+        logs = self.reduce_logs(sums)
+        ok = all(torch.isfinite(torch.tensor(v)) for k, v in logs.items() if not k.startswith(("sigma_q", "_"))) and \
             torch.isfinite(grad_norm).item()
         if ok:
             self.optimizer.step()
@@ -225,7 +236,7 @@ class Trainer:
             self.metrics.log_event(self.step, "non-finite loss or gradient: step skipped",
                                    grad_norm=grad_norm.item(), skipped=self.skipped_steps)
             if self.bad_in_a_row >= self.cfg.train.max_bad_steps:
-                terms = {k: v for k, v in logs.items() if not k.startswith("sigma_q")}
+                terms = {k: v for k, v in logs.items() if not k.startswith(("sigma_q", "_"))}
                 raise RuntimeError(f"{self.bad_in_a_row} non-finite steps in a row (train.max_bad_steps), last at "
                                    f"step {self.step}: loss terms {terms}, grad norm {grad_norm.item()}")
         self.optimizer.zero_grad(set_to_none=True)
@@ -234,10 +245,11 @@ class Trainer:
             self.ema.update(self.step)
         return {"logs": logs, "grad_norm": grad_norm.item(), "ok": ok}
 
-    def reduce_logs(self, sums: dict[str, torch.Tensor], n_micro: int) -> dict[str, float]:
-        """Mean loss terms over micro-batches and ranks; σ-bucket means from exact sums / counts."""
+    def reduce_logs(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Mean loss terms over ranks (already sample-weighted within a rank); σ-bucket means from
+        exact sums / counts; `_samples`, `_tokens`, `_flops` summed over ranks."""
         keys = sorted(sums)
-        vec = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32, device=self.device) for k in keys])
+        vec = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=self.device) for k in keys])
         dist.all_reduce(vec)
         vals = dict(zip(keys, vec.tolist(), strict=True))
         out = {}
@@ -248,11 +260,11 @@ class Trainer:
                     out[b] = vals[f"{b}_sum"] / v if v else float("nan")
                     out[k] = v
                 continue
-            out[k] = v / (n_micro * self.dist.world_size)
+            out[k] = v if k.startswith("_") else v / self.dist.world_size
         return out
 
     def step_flops(self, batches: list) -> tuple[float, int]:
-        """Analytic model FLOPs and video tokens of this step, over all ranks."""
+        """Analytic model FLOPs and video tokens of this rank's share of the step."""
         flops, tokens = 0.0, 0
         cfg = self.model.config
         for b in batches:
@@ -262,7 +274,7 @@ class Trainer:
                              repa=self.repa_on)
             flops += fl.total * len(b)
             tokens += num_video_tokens(cfg, lat) * len(b)
-        return flops * self.dist.world_size, tokens * self.dist.world_size
+        return flops, tokens
 
     # ---- the loop ------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
@@ -289,21 +301,25 @@ class Trainer:
             t0 = time.perf_counter()
             batches = self.data.next_step(self.step)
             data_wait = time.perf_counter() - t0
+            lr = self.optimizer.param_groups[0]["lr"]  # the LR this step uses (the scheduler moves it after)
             result = self.train_step(batches)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             step_time = time.perf_counter() - t0
-            flops, tokens = self.step_flops(batches)
-            n_samples = sum(len(b) for b in batches) * self.dist.world_size
+            logs = result["logs"]
+            n_samples, tokens, flops = int(logs.pop("_samples")), int(logs.pop("_tokens")), logs.pop("_flops")
             self.samples += n_samples
             self.tokens += tokens
-            logs = result["logs"]
+            skipped = getattr(self.data, "last_skipped", [])
+            for msg in skipped:
+                self.metrics.log_event(self.step, f"corrupt sample skipped: {msg}")
             losses = {k: v for k, v in logs.items() if not k.startswith("sigma_q")}
             extra = {k: v for k, v in logs.items() if k.startswith("sigma_q") and not k.endswith(("_sum", "_count"))}
             self.metrics.log_step(self.step, losses=losses, grad_norm=result["grad_norm"],
-                                  lr=self.optimizer.param_groups[0]["lr"], samples=n_samples, tokens=tokens,
+                                  lr=lr, samples=n_samples, tokens=tokens,
                                   step_time=step_time, data_wait=data_wait, flops=flops, stage=self.stage_idx,
-                                  extra={**extra, "train/skipped_steps": float(self.skipped_steps)})
+                                  extra={**extra, "train/skipped_steps": float(self.skipped_steps),
+                                         "data/skipped_samples": float(getattr(self.data, "skipped_total", 0))})
             self.profiler.step(self.step)
             self.checkpointer.maybe_finalize()
             if self.stop_requested():

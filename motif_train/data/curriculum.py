@@ -12,14 +12,18 @@ from motif_train.models.config import RoutingConfig
 class StageConfig:
     """One stage. buckets: (frames, height, width) pixel shapes, frames = 1+4k, sizes % 16 == 0.
 
-    global_batch: samples per optimizer step over all ranks. lr / shift / i2v_prob: None keeps
-    the run-level value. routing: None = no TREAD in this stage.
+    global_batch: samples per optimizer step over all ranks (synthetic data). token_budget:
+    video tokens per rank per step (shard data: the planner derives each bucket's batch from it;
+    attention_aware also charges the N^2 attention cost). lr / shift / i2v_prob: None keeps the
+    run-level value. routing: None = no TREAD in this stage.
     """
 
     name: str = "stage"
     steps: int = 100
     buckets: list[list[int]] = field(default_factory=lambda: [[9, 64, 96]])
     global_batch: int = 2
+    token_budget: int | None = None
+    attention_aware: bool = False
     lr: float | None = None
     shift: float | None = None
     repa: bool = False
@@ -32,7 +36,8 @@ class CurriculumConfig:
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
 
 
-def validate_stage(i: int, s: StageConfig, *, dp_size: int, grad_accum: int) -> None:
+def validate_stage(i: int, s: StageConfig, *, dp_size: int, grad_accum: int, planned: bool = False) -> None:
+    """`planned`: the data source batches by token budget (shards + plan) instead of global_batch."""
     key = f"curriculum.stages[{i}]"
     if s.steps < 1:
         raise ValueError(f"{key}.steps={s.steps} must be >= 1")
@@ -46,6 +51,11 @@ def validate_stage(i: int, s: StageConfig, *, dp_size: int, grad_accum: int) -> 
             raise ValueError(f"{key}.buckets: frames={f} must be 1+4k (1, 5, 9, ..., 121) for the Wan VAE")
         if h % 16 or w % 16:
             raise ValueError(f"{key}.buckets: {h}x{w} must be divisible by 16 (VAE x8, patch x2)")
+    if planned:
+        if s.token_budget is None or s.token_budget < 1:
+            raise ValueError(f"{key}.token_budget is required with shard data: video tokens per rank per step "
+                             "(each bucket's batch = token_budget // its tokens)")
+        return
     per_step = dp_size * grad_accum
     if s.global_batch % per_step:
         raise ValueError(f"{key}.global_batch={s.global_batch} is not divisible by data-parallel size {dp_size} x "

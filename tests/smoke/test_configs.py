@@ -71,7 +71,13 @@ def test_force_added_keys_fail_too(override):
 ])
 def test_bad_configs_fail_before_work_naming_the_key(override, message):
     with pytest.raises(ValueError, match=message):
-        validate(_compose(["experiment=tiny_cpu", override]), world_size=2)
+        validate(_compose(["experiment=tiny_cpu", "data=synthetic", override]), world_size=2)
+
+
+def test_shard_data_needs_a_token_budget():
+    validate(_compose(["experiment=tiny_cpu"]), world_size=2)  # shards: batches come from the budget
+    with pytest.raises(ValueError, match=r"curriculum.stages\[1\].token_budget is required"):
+        validate(_compose(["experiment=tiny_cpu", "curriculum.stages.1.token_budget=null"]), world_size=2)
 
 
 @pytest.mark.parametrize("experiment", _options("experiment"))
@@ -82,7 +88,7 @@ def test_experiments_instantiate_where_cheap(experiment):
     from motif_train.models import MotifDiT
     from motif_train.optim import build_lr_scheduler, build_optimizer
 
-    cfg = _compose([f"experiment={experiment}"])
+    cfg = _compose([f"experiment={experiment}", "data=synthetic"])  # shards need a dataset on disk
     import torch
 
     with torch.device("meta"):
