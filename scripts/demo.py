@@ -1,9 +1,12 @@
-"""`make demo`: the main job end-to-end on CPU with two gloo ranks, killed mid-run and resumed.
+"""`make demo`: the whole pipeline on CPU, from mp4 files to a trained, resumed checkpoint.
 
-    torchrun --nproc_per_node=2 -m motif_train.train experiment=tiny_cpu   (tiny DiT, tiny real
-    encoders, synthetic clips, 2 curriculum stages with REPA and TREAD)
-      -> SIGKILL of every process after step 10 (a crash, not a clean preemption)
-      -> the same command again: resume=auto picks the newest complete checkpoint and finishes
+    1. make clips        real mp4 + caption files (varied sizes / lengths, a few broken ones)
+    2. tiny encoders     random tiny Wan VAE / T5Gemma2 / SigLIP / V-JEPA 2 (the real classes)
+    3. motif-preprocess  clips -> latents, text / image embeddings, teacher pixels -> bucket shards
+    4. motif-plan        the bucket-balanced plan report for stage 0 (utilization vs naive)
+    5. torchrun --nproc_per_node=2 -m motif_train.train experiment=tiny_cpu   (2 stages, REPA, TREAD)
+         -> SIGKILL of every rank after step 10 (a crash, not a clean preemption)
+         -> the same command again: resume=auto picks the newest complete checkpoint and finishes
 """
 
 from __future__ import annotations
@@ -19,17 +22,45 @@ import time
 from pathlib import Path
 
 
+def prepare_data(root: Path, n_clips: int, env: dict) -> list[str]:
+    from motif_train.data.clips import default_specs, write_clip_folder
+    from motif_train.objectives.encoders import build_tiny_encoders
+
+    curriculum = Path(__file__).resolve().parents[1] / "configs" / "curriculum" / "tiny.yaml"
+    print(f"[1/5] {n_clips} clips (+3 broken ones) -> {root / 'clips'}", flush=True)
+    write_clip_folder(root / "clips", default_specs(n_clips, seed=0), broken=True)
+    print(f"[2/5] tiny random encoders -> {root / 'encoders'}", flush=True)
+    build_tiny_encoders(root / "encoders")
+    print("[3/5] motif-preprocess", flush=True)
+    subprocess.run([sys.executable, "-m", "motif_train.preprocess", "--input", str(root / "clips"), "--out",
+                    str(root / "data"), "--encoders", str(root / "encoders"), "--curriculum", str(curriculum)],
+                   env=env, check=True)
+    print("[4/5] motif-plan (stage 0, 2 ranks)", flush=True)
+    subprocess.run([sys.executable, "-m", "motif_train.plan", "--manifest", str(root / "data" / "manifest.json"),
+                    "--stage-from-config", str(curriculum), "--stage", "0", "--world-size", "2",
+                    "--out", str(root / "plan" / "stage0.npz"), "--report", str(root / "plan" / "report.json")],
+                   env=env, check=True)
+    print("[5/5] train", flush=True)
+    return [f"data.root={root / 'data'}", f"encoders.root={root / 'encoders'}"]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run-dir", default="runs/demo")
     ap.add_argument("--kill-after", type=int, default=10, help="kill every rank once this step is logged")
+    ap.add_argument("--clips", type=int, default=32, help="number of generated clips")
+    ap.add_argument("--synthetic", action="store_true", help="skip steps 1-4 and train on synthetic data")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     args = ap.parse_args(argv)
-    run = Path(args.run_dir).resolve()
-    shutil.rmtree(run, ignore_errors=True)
+    root = Path(args.run_dir).resolve()
+    shutil.rmtree(root, ignore_errors=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    run = root / "train"
+    data_args = ["data=synthetic"]
+    if not args.synthetic:
+        data_args = prepare_data(root, args.clips, env)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "motif_train.train", "experiment=tiny_cpu", f"run_dir={run}", *args.overrides]
+           "motif_train.train", "experiment=tiny_cpu", f"run_dir={run}", *data_args, *args.overrides]
     print("$ " + " ".join(cmd[2:]), flush=True)
 
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
@@ -57,6 +88,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     first, last = rows[0]["loss/denoise"], rows[-1]["loss/denoise"]
     print("\n=== demo done ===")
+    if not args.synthetic:
+        print(f"clips            {root / 'clips'}")
+        print(f"shards+manifest  {root / 'data'} (failures: {root / 'data' / 'failures.jsonl'})")
+        print(f"plan report      {root / 'plan' / 'report.json'}, {root / 'plan' / 'report.png'}")
     print(f"run dir          {run}")
     print(f"resolved config  {run / 'config.yaml'}")
     print(f"checkpoints      {run / 'checkpoints'}: {', '.join(ckpts)}")

@@ -1,0 +1,363 @@
+"""Offline bucket-balanced sampling plan: for each step of an epoch, one bucket and every rank's sample ids.
+
+The plan is computed from the preprocessing manifest before training (DESIGN.md, "Data"). A *global sample
+id* is the index into the concatenation of all shards' ``keys`` lists in manifest order. Every step draws
+from ONE bucket on all ranks (``Step.samples`` has one row per rank, all rows the same length), so no rank
+ever waits on another with a different shape. The per-rank batch of a bucket follows a token budget
+(:func:`bucket_batch_size`).
+
+Utilization (scheduled / stage samples) per epoch: each bucket is cut into full steps of
+``world_size * b`` samples plus at most one smaller *tail step* with ``r // world_size`` samples per rank,
+so at most ``world_size - 1`` samples per bucket are left out of an epoch. It is therefore >= 97% as soon
+as every bucket holds >= 34 * world_size samples, and ~99% on realistic data; it is lower only for tiny
+buckets (a bucket with fewer than ``world_size`` samples is dropped entirely). Dropped ids are random
+(the bucket is shuffled per epoch), so nothing is left out systematically across epochs.
+
+Everything is deterministic from (manifest, buckets, world_size, token_budget, seed, epoch, exclude):
+random generators are seeded with a SHA-256 of the bucket name (never Python's salted ``hash``).
+:func:`replan` handles a change of world size inside an epoch without repeating a consumed sample.
+Plans are saved as a compressed ``.npz`` (no pickle).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+PLAN_FORMAT = 1
+_U64 = 2**64
+
+
+def bucket_name(frames: int, height: int, width: int) -> str:
+    return f"{int(frames)}x{int(height)}x{int(width)}"
+
+
+def _stable_int(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")
+
+
+def _rng(seed: int, epoch: int, tag: str) -> np.random.Generator:
+    return np.random.default_rng([int(seed) % _U64, int(epoch) % _U64, _stable_int(tag)])
+
+
+def bucket_batch_size(tokens: int, token_budget: int, *, attention_aware: bool = False,
+                      ref_tokens: int | None = None) -> int:
+    """Per-RANK batch size of a bucket whose samples have ``tokens`` DiT video tokens.
+
+    Plain: ``max(1, token_budget // tokens)`` (a fixed number of tokens per rank and step).
+
+    Attention-aware: a sample of N tokens costs ``N + N**2 / ref`` (linear layers ~N, self-attention
+    ~N**2; the quadratic term is normalized so that at the reference length ``ref`` both halves weigh
+    the same). The budget is the cost of ``token_budget`` tokens cut into samples of ``ref`` tokens,
+    ``(token_budget / ref) * 2 * ref = 2 * token_budget``, and the batch is
+    ``max(1, floor(2 * token_budget / (N + N**2 / ref)))``. At N == ref it equals the plain batch; longer
+    clips (N > ref) get proportionally smaller batches than the plain rule and shorter ones larger batches,
+    since their attention is cheap. ``ref`` defaults to ``tokens`` (then it equals the plain rule);
+    :func:`build_plan` passes the largest bucket's tokens in the stage. Exact integer arithmetic.
+    """
+    tokens, token_budget = int(tokens), int(token_budget)
+    if tokens < 1 or token_budget < 1:
+        raise ValueError(f"tokens={tokens} and token_budget={token_budget} must be >= 1")
+    if not attention_aware:
+        return max(1, token_budget // tokens)
+    ref = tokens if ref_tokens is None else int(ref_tokens)
+    if ref < 1:
+        raise ValueError(f"ref_tokens={ref} must be >= 1")
+    # floor(2B / (N + N^2/ref)) == (2 B ref) // (N (ref + N))
+    return max(1, (2 * token_budget * ref) // (tokens * (ref + tokens)))
+
+
+def sample_ids_by_bucket(manifest: dict) -> dict[str, np.ndarray]:
+    """Global sample ids (int64, ascending) of every bucket named in the manifest's ``buckets``/``shards``."""
+    chunks: dict[str, list[np.ndarray]] = {name: [] for name in manifest.get("buckets", {})}
+    start = 0
+    for shard in manifest.get("shards", []):
+        n = len(shard["keys"]) if "keys" in shard else int(shard["samples"])
+        chunks.setdefault(shard["bucket"], []).append(np.arange(start, start + n, dtype=np.int64))
+        start += n
+    return {k: (np.concatenate(v) if v else np.zeros(0, np.int64)) for k, v in chunks.items()}
+
+
+def _stage_buckets(manifest: dict, buckets: list[str]) -> list[str]:
+    known = manifest.get("buckets", {})
+    names = list(dict.fromkeys(str(b) for b in buckets))  # dedupe, keep order
+    if not names:
+        raise ValueError("no buckets given for the stage")
+    for b in names:
+        if b not in known:
+            raise ValueError(f"bucket {b!r} is not in the manifest; the manifest has buckets: "
+                             f"{', '.join(sorted(known)) or '(none)'}")
+    return names
+
+
+@dataclass(eq=False)
+class Step:
+    """One global step: every rank draws from ``bucket``; ``samples[r]`` are rank r's global sample ids."""
+
+    bucket: str
+    samples: np.ndarray  # int64, (world_size, per_rank)
+
+    @property
+    def per_rank(self) -> int:
+        return int(self.samples.shape[1])
+
+
+@dataclass(eq=False)
+class Plan:
+    """One epoch (or the rest of one, after :func:`replan`) of steps.
+
+    ``total`` counts the samples the plan was built over (the stage's samples minus ``exclude``);
+    every one of them is either scheduled exactly once or in ``dropped``.
+    """
+
+    steps: list[Step]
+    world_size: int
+    epoch: int
+    seed: int
+    buckets: list[str]
+    dropped: np.ndarray
+    total: int
+    token_budget: int = 0
+    attention_aware: bool = False
+    per_rank_batch: list[int] = field(default_factory=list)  # full-step batch, aligned with ``buckets``
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.steps)
+
+    @property
+    def scheduled(self) -> int:
+        return int(sum(s.samples.size for s in self.steps))
+
+    @property
+    def utilization(self) -> float:
+        """Scheduled / total (1.0 for an empty plan: nothing was left out)."""
+        return self.scheduled / self.total if self.total else 1.0
+
+    def scheduled_ids(self) -> np.ndarray:
+        if not self.steps:
+            return np.zeros(0, np.int64)
+        return np.concatenate([s.samples.ravel() for s in self.steps])
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Flat arrays (the ``.npz`` layout): step buckets as indices into ``buckets``, ids, offsets, shapes."""
+        index = {b: i for i, b in enumerate(self.buckets)}
+        shapes = np.array([s.samples.shape for s in self.steps], np.int64).reshape(-1, 2)
+        offsets = np.zeros(len(self.steps) + 1, np.int64)
+        np.cumsum(shapes[:, 0] * shapes[:, 1], out=offsets[1:])
+        return {
+            "format": np.array([PLAN_FORMAT], np.int64),
+            "meta": np.array([self.world_size, self.epoch, self.seed, self.total, self.token_budget,
+                              int(self.attention_aware)], np.int64),
+            "buckets": np.array(self.buckets, dtype=np.str_).reshape(-1),
+            "per_rank_batch": np.array(self.per_rank_batch, np.int64).reshape(-1),
+            "step_bucket": np.array([index[s.bucket] for s in self.steps], np.int32).reshape(-1),
+            "step_shape": shapes,
+            "offsets": offsets,
+            "ids": self.scheduled_ids().astype(np.int64),
+            "dropped": np.asarray(self.dropped, np.int64).reshape(-1),
+        }
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:  # a file object: np.savez would otherwise append ".npz"
+            np.savez_compressed(f, **self.to_arrays())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        with np.load(path, allow_pickle=False) as z:
+            a = {k: z[k] for k in z.files}
+        if int(a["format"][0]) != PLAN_FORMAT:
+            raise ValueError(f"{path}: plan format {int(a['format'][0])}, expected {PLAN_FORMAT}")
+        world_size, epoch, seed, total, token_budget, aa = (int(v) for v in a["meta"])
+        buckets = [str(b) for b in a["buckets"].tolist()]
+        ids, offsets = a["ids"], a["offsets"]
+        steps = [Step(buckets[int(bi)], ids[offsets[i]:offsets[i + 1]].reshape(int(shp[0]), int(shp[1])))
+                 for i, (bi, shp) in enumerate(zip(a["step_bucket"], a["step_shape"], strict=True))]
+        return cls(steps=steps, world_size=world_size, epoch=epoch, seed=seed, buckets=buckets,
+                   dropped=a["dropped"], total=total, token_budget=token_budget, attention_aware=bool(aa),
+                   per_rank_batch=[int(v) for v in a["per_rank_batch"]])
+
+
+def build_plan(manifest: dict, buckets: list[str], *, world_size: int, token_budget: int, seed: int,
+               epoch: int, attention_aware: bool = False, exclude: np.ndarray | None = None) -> Plan:
+    """Plan one epoch over the samples of ``buckets`` (minus ``exclude``, the already consumed ids).
+
+    Per bucket: shuffle its ids (generator seeded from (seed, epoch, bucket name)); per-rank batch
+    ``b = bucket_batch_size(tokens, token_budget, ...)`` (attention-aware: ref = the stage's largest
+    bucket); cut into full steps of ``world_size * b``; a remainder ``r >= world_size`` becomes one tail step
+    of ``r // world_size`` per rank; the last ``r % world_size`` (< world_size) ids go to ``dropped``.
+    Then the order of all steps is shuffled (seeded from (seed, epoch)) so buckets interleave.
+    Raises ValueError for a bucket that is not in the manifest.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size={world_size} must be >= 1")
+    if token_budget < 1:
+        raise ValueError(f"token_budget={token_budget} must be >= 1")
+    names = _stage_buckets(manifest, buckets)
+    ids_by_bucket = sample_ids_by_bucket(manifest)
+    tokens = {b: int(manifest["buckets"][b]["tokens"]) for b in names}
+    ref = max(tokens.values())
+    excl = None if exclude is None else np.unique(np.asarray(exclude, np.int64))
+
+    steps: list[Step] = []
+    dropped: list[np.ndarray] = []
+    batches: list[int] = []
+    total = 0
+    for name in names:
+        ids = ids_by_bucket.get(name, np.zeros(0, np.int64))
+        if excl is not None and excl.size:
+            ids = ids[~np.isin(ids, excl, assume_unique=True)]
+        total += ids.size
+        ids = _rng(seed, epoch, f"bucket:{name}").permutation(ids)
+        b = bucket_batch_size(tokens[name], token_budget, attention_aware=attention_aware, ref_tokens=ref)
+        batches.append(b)
+        per_step = world_size * b
+        n_full = ids.size // per_step
+        full = ids[:n_full * per_step].reshape(n_full, world_size, b)
+        steps.extend(Step(name, full[i]) for i in range(n_full))
+        rest = ids[n_full * per_step:]
+        tail = rest.size // world_size
+        if tail:
+            steps.append(Step(name, rest[:tail * world_size].reshape(world_size, tail)))
+        dropped.append(rest[tail * world_size:])
+
+    order = _rng(seed, epoch, "step-order").permutation(len(steps))
+    return Plan(steps=[steps[i] for i in order], world_size=int(world_size), epoch=int(epoch), seed=int(seed),
+                buckets=names, dropped=np.sort(np.concatenate(dropped)) if dropped else np.zeros(0, np.int64),
+                total=int(total), token_budget=int(token_budget), attention_aware=bool(attention_aware),
+                per_rank_batch=batches)
+
+
+def replan(manifest: dict, buckets: list[str], *, segments: list[tuple[int, int]], token_budget: int, seed: int,
+           epoch: int, attention_aware: bool = False) -> tuple[Plan, int]:
+    """Plan the rest of an epoch after world-size changes, without repeating a consumed sample.
+
+    ``segments = [(start_step_in_epoch, world_size), ...]``, first start 0, starts non-decreasing (a segment
+    of zero steps, e.g. a restart before the first step, consumes nothing).
+    Plan 0 = build_plan(world size of segment 0); its first ``start_1`` steps are consumed; plan k is
+    built over the stage minus everything consumed so far with the world size of segment k, and so on.
+    Returns (final plan, offset): global step-in-epoch ``s >= offset`` is ``final.steps[s - offset]``.
+    Consumed ids are never scheduled again; the ids a plan dropped but did not consume are planned again.
+    """
+    if not segments or int(segments[0][0]) != 0:
+        raise ValueError(f"segments={segments!r}: give [(0, world_size), (start, world_size), ...]")
+    starts = [int(s) for s, _ in segments]
+    if any(b < a for a, b in zip(starts, starts[1:], strict=False)):
+        raise ValueError(f"segments={segments!r}: start steps must be non-decreasing")
+    kw = dict(token_budget=token_budget, seed=seed, epoch=epoch, attention_aware=attention_aware)
+    consumed: list[np.ndarray] = []
+    plan = build_plan(manifest, buckets, world_size=int(segments[0][1]), **kw)
+    for (start, _), (nxt, ws) in zip(segments, segments[1:], strict=False):
+        n = int(nxt) - int(start)
+        if n > plan.num_steps:
+            raise ValueError(f"segment starting at step {start} has only {plan.num_steps} steps; "
+                             f"the next segment cannot start at step {nxt}")
+        consumed.extend(s.samples.ravel() for s in plan.steps[:n])
+        exclude = np.concatenate(consumed) if consumed else np.zeros(0, np.int64)
+        plan = build_plan(manifest, buckets, world_size=int(ws), exclude=exclude, **kw)
+    return plan, starts[-1]
+
+
+def naive_plan_utilization(manifest: dict, buckets: list[str], *, world_size: int, token_budget: int,
+                           seed: int) -> float:
+    """Utilization of naive per-rank bucketing (the baseline the offline plan replaces).
+
+    Simulation: the stage's samples are randomly permuted and dealt round-robin, so each rank holds a
+    random 1/world_size shard; each rank shuffles its shard into per-bucket queues. Per-rank batch b of a
+    bucket = ``bucket_batch_size(tokens, token_budget)``. At each step a bucket is drawn at random with
+    probability proportional to rank 0's remaining samples per bucket (rank 0 broadcasts its choice).
+    If EVERY rank has >= b samples of it, the step happens and each rank consumes b (scheduled). Otherwise
+    the ranks that had a full batch consume theirs and those samples are wasted (the step is skipped), and
+    the ranks that lacked one discard their partial batch (a drop_last loader; such samples could never
+    fill a batch again anyway). The epoch ends when rank 0 has no samples left; the other ranks' leftovers
+    are wasted too. Returns scheduled / total. Typical: ~20-50% with 64 ranks on long-tailed data.
+    """
+    names = _stage_buckets(manifest, buckets)
+    ids_by_bucket = sample_ids_by_bucket(manifest)
+    label = np.concatenate([np.full(ids_by_bucket[b].size, i, np.int64) for i, b in enumerate(names)])
+    total = int(label.size)
+    if total == 0:
+        return 1.0
+    rng = _rng(seed, 0, "naive")
+    rank = rng.permutation(total) % world_size  # rank of each sample
+    counts = np.zeros((world_size, len(names)), np.int64)
+    np.add.at(counts, (rank, label), 1)
+    batch = np.array([bucket_batch_size(int(manifest["buckets"][b]["tokens"]), token_budget) for b in names])
+    scheduled = 0
+    while counts[0].sum() > 0:
+        w = counts[0] / counts[0].sum()
+        k = int(rng.choice(len(names), p=w))
+        col = counts[:, k]
+        full = col >= batch[k]
+        if full.all():
+            scheduled += world_size * int(batch[k])
+            col -= batch[k]
+        else:
+            col[full] -= batch[k]
+            col[~full] = 0
+    return scheduled / total
+
+
+def _id_bucket_lookup(manifest: dict, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted ids, bucket index per id) over the given buckets."""
+    by = sample_ids_by_bucket(manifest)
+    ids = np.concatenate([by.get(b, np.zeros(0, np.int64)) for b in names] + [np.zeros(0, np.int64)])
+    lab = np.concatenate([np.full(by.get(b, np.zeros(0)).size, i, np.int64) for i, b in enumerate(names)]
+                         + [np.zeros(0, np.int64)])
+    order = np.argsort(ids, kind="stable")
+    return ids[order], lab[order]
+
+
+def plan_stats(plan: Plan, manifest: dict) -> dict:
+    """Totals and per-bucket numbers (samples = scheduled + dropped of that bucket in this plan)."""
+    ids, lab = _id_bucket_lookup(manifest, plan.buckets)
+    dropped = np.asarray(plan.dropped, np.int64)
+    dropped_lab = lab[np.searchsorted(ids, dropped)] if dropped.size else np.zeros(0, np.int64)
+    n_dropped = np.bincount(dropped_lab, minlength=len(plan.buckets))
+    per_bucket = {}
+    for i, name in enumerate(plan.buckets):
+        st = [s for s in plan.steps if s.bucket == name]
+        sched = int(sum(s.samples.size for s in st))
+        b = plan.per_rank_batch[i] if i < len(plan.per_rank_batch) else max((s.per_rank for s in st), default=0)
+        per_bucket[name] = {"samples": sched + int(n_dropped[i]), "scheduled": sched,
+                            "dropped": int(n_dropped[i]), "per_rank_batch": int(b), "steps": len(st)}
+    return {"utilization": plan.utilization, "steps": plan.num_steps, "scheduled": plan.scheduled,
+            "total": plan.total, "dropped": int(dropped.size), "per_bucket": per_bucket}
+
+
+def write_report(plan: Plan, manifest: dict, path: str | Path, *, naive: float | None) -> dict:
+    """Write ``path`` (JSON: stats, naive_utilization, world_size, seed, epoch, token_budget) and a PNG bar
+    chart of per-bucket samples vs scheduled next to it (same name, ``.png``). Returns the report dict."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    report = plan_stats(plan, manifest)
+    report.update(naive_utilization=naive, world_size=plan.world_size, seed=plan.seed, epoch=plan.epoch,
+                  token_budget=plan.token_budget, attention_aware=plan.attention_aware)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # no global backend switch
+    from matplotlib.figure import Figure
+
+    names = list(report["per_bucket"])
+    x = np.arange(len(names))
+    fig = Figure(figsize=(max(6.0, 0.5 * len(names) + 2), 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.bar(x - 0.2, [report["per_bucket"][n]["samples"] for n in names], 0.4, label="samples")
+    ax.bar(x + 0.2, [report["per_bucket"][n]["scheduled"] for n in names], 0.4, label="scheduled")
+    ax.set_xticks(x, names, rotation=60 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center",
+                  fontsize=8)
+    ax.set_ylabel("samples")
+    naive_txt = "n/a" if naive is None else f"{naive:.1%}"
+    ax.set_title(f"utilization: ours {plan.utilization:.1%} vs naive {naive_txt} "
+                 f"(world {plan.world_size}, epoch {plan.epoch})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".png"), dpi=100)
+    return report
