@@ -57,11 +57,15 @@ class TarIndex:
         return {n[len(prefix):]: self.read(n) for n in self.members if n.startswith(prefix)}
 
 
+_READ_ERRORS = (CorruptSample, KeyError, OSError, ValueError, tarfile.TarError)
+
+
 class _StepStream(IterableDataset):
-    """Yields (step_in_epoch, micro-batches, skipped keys) for steps [start, end) of one plan."""
+    """Yields (step_in_epoch, micro-batches, messages, #skipped) for steps [start, end) of one plan."""
 
     def __init__(self, source: ShardSource, plan: Plan, offset: int, start: int) -> None:
         self.root, self.shards, self.locate = source.root, source.shard_paths, source.locate
+        self.shard_bucket = source.shard_bucket
         self.rank, self.accum, self.teacher = source.dp_rank, source.grad_accum, source.want_teacher
         self.plan, self.offset, self.start = plan, offset, start
 
@@ -69,20 +73,40 @@ class _StepStream(IterableDataset):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         indexes: dict[int, TarIndex] = {}
+
+        def read(gid: int) -> dict:
+            shard, key = self.locate[gid]
+            if shard not in indexes:
+                indexes[shard] = TarIndex(self.root / self.shards[shard])
+            return decode_sample(indexes[shard].sample(key))
+
         for s in range(self.start, self.offset + self.plan.num_steps):
             if (s - self.start) % nw != wid:
                 continue
             step = self.plan.steps[s - self.offset]
-            samples, skipped = [], []
+            samples, skipped, notes = [], [], []
             for gid in step.samples[self.rank].tolist():
-                shard, key = self.locate[gid]
                 try:
-                    if shard not in indexes:
-                        indexes[shard] = TarIndex(self.root / self.shards[shard])
-                    samples.append(decode_sample(indexes[shard].sample(key)))
-                except (CorruptSample, KeyError, OSError, ValueError, tarfile.TarError) as e:
-                    skipped.append(f"{key}: {type(e).__name__}: {e}")
-            yield s, collate_micro(samples, self.accum, self.teacher), skipped
+                    samples.append(read(gid))
+                except _READ_ERRORS as e:
+                    skipped.append(f"{self.locate[gid][1]}: {type(e).__name__}: {e}")
+            if not samples:
+                # Keep the rank in the step with a spare of the same bucket: one the plan left out this
+                # epoch if any, else (logged as a repeat) another sample of the bucket.
+                same = [g for g in range(len(self.locate)) if self.shard_bucket[self.locate[g][0]] == step.bucket]
+                left_out = set(self.plan.dropped.tolist())
+                spares = [g for g in same if g in left_out] + [g for g in same if g not in left_out]
+                for gid in spares[self.rank:] + spares[:self.rank]:
+                    if gid in step.samples[self.rank]:
+                        continue
+                    if gid not in left_out:
+                        notes.append(f"{self.locate[gid][1]}: repeated as a spare for the corrupt sample(s)")
+                    try:
+                        samples.append(read(gid))
+                        break
+                    except _READ_ERRORS as e:
+                        skipped.append(f"{self.locate[gid][1]}: {type(e).__name__}: {e}")
+            yield s, collate_micro(samples, self.accum, self.teacher), skipped + notes, len(skipped)
 
 
 def collate(samples: list[dict], teacher: bool) -> Batch:
@@ -126,6 +150,7 @@ class ShardSource:
         self.manifest = load_manifest(self.root)  # a missing shard fails here, at start-up
         self.shard_paths = [s["path"] for s in self.manifest["shards"]]
         self.locate = [(i, k) for i, s in enumerate(self.manifest["shards"]) for k in s["keys"]]
+        self.shard_bucket = [s["bucket"] for s in self.manifest["shards"]]
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.seed, self.dp_rank, self.dp_size, self.grad_accum = seed, dp_rank, dp_size, grad_accum
@@ -167,20 +192,20 @@ class ShardSource:
         if self._iter is None:
             self._start()
         try:
-            s, batches, skipped = next(self._iter)
+            s, batches, skipped, n_bad = next(self._iter)
         except StopIteration:  # epoch done: the next epoch has a fresh (seed, epoch) plan
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
             self.segments = [[0, self.dp_size]]
             self._reset()
             self._start()
-            s, batches, skipped = next(self._iter)
+            s, batches, skipped, n_bad = next(self._iter)
         assert s == self.step_in_epoch, (s, self.step_in_epoch)
         self.step_in_epoch += 1
-        self.last_skipped = skipped
-        self.skipped_total += len(skipped)
+        self.last_skipped = skipped  # messages: skipped keys (and spares used), logged by the trainer
+        self.skipped_total += n_bad
         if not batches:
-            raise RuntimeError(f"step {step}: every sample of this rank's batch is corrupt ({skipped}); "
-                               "check the shards (motif-preprocess re-run) before resuming")
+            raise RuntimeError(f"step {step}: every sample of this rank's batch is corrupt and no spare sample of "
+                               f"the bucket is left ({skipped}); re-run motif-preprocess for these clips")
         return batches
 
     def state_dict(self) -> dict:

@@ -115,15 +115,18 @@ def test_corrupt_sample_is_skipped_and_counted(dataset, tmp_path):
     with open(bad / shard["path"], "r+b") as f:  # same size, garbage content: not a valid .npy any more
         f.seek(m.offset_data)
         f.write(b"\x00" * m.size)
-    src = _source(bad)
-    src.set_stage(StageConfig(name="s", steps=50, buckets=[[9, 64, 96]], token_budget=72), teacher=False)
-    keys = []
-    for step in range(1, shard["samples"] * 2 + 1):
-        keys += [k for b in src.next_step(step) for k in b.keys]
-        if src.skipped_total:
-            break
-    assert src.skipped_total == 1 and key in src.last_skipped[0]
-    assert key not in keys
+    for budget in (144, 72):  # 2 samples per step: one is skipped; 1 per step: a spare takes its place
+        src = _source(bad)
+        src.set_stage(StageConfig(name="s", steps=50, buckets=[[9, 64, 96]], token_budget=budget), teacher=False)
+        keys = []
+        for step in range(1, shard["samples"] * 2 + 1):
+            batches = src.next_step(step)
+            keys += [k for b in batches for k in b.keys]
+            if src.skipped_total:
+                assert sum(len(b) for b in batches) == 1  # 2 - the skipped one, or the spare
+                break
+        assert src.skipped_total == 1 and key in src.last_skipped[0]
+        assert key not in keys
 
 
 def test_missing_shard_fails_at_start(dataset, tmp_path):
