@@ -101,3 +101,9 @@ def test_experiments_instantiate_where_cheap(experiment):
     opt = build_optimizer(model, cfg.optim, torch.device("cpu"))
     sched = build_lr_scheduler(opt, cfg.optim, cur.total_steps, lambda s: cur.stage_at(s).lr)
     assert sched.get_last_lr()[0] > 0
+
+
+def test_experiment_values_win_over_the_root_config():
+    cfg = _compose(["experiment=tiny_cpu"])
+    assert cfg.name == "tiny_cpu" and cfg.run_dir == "runs/tiny_cpu"
+    assert _compose(["experiment=tiny_cpu", "name=x"]).run_dir == "runs/x"  # command line wins over both
