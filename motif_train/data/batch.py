@@ -42,7 +42,7 @@ class Batch:
     def __len__(self) -> int:
         return self.latents.shape[0]
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         """Called by DataLoader(pin_memory=True) so host->GPU copies can be asynchronous."""
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         return Batch(**{k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
