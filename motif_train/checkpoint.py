@@ -46,6 +46,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+from motif_train.utils import write_atomic
+
 __all__ = [
     "CheckpointConfig",
     "CheckpointManager",
@@ -166,15 +168,6 @@ def derive_rng_seed(seed: int, rank: int, step: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _step_of(path: Path) -> int | None:
     m = _STEP_RE.match(path.name)
     return int(m.group(1)) if m else None
@@ -274,7 +267,7 @@ class CheckpointManager:
         dist.barrier()
         (path / "rng").mkdir(parents=True, exist_ok=True)
         if self.rank == 0:
-            _atomic_write_text(path / TRAIN_STATE, train_state_text)
+            write_atomic(path / TRAIN_STATE, train_state_text)
         self._save_rng(path)
         self._last_step = step
         if self.use_async and not force_sync:
@@ -332,7 +325,7 @@ class CheckpointManager:
         if self.rank != 0:
             return
         marker = {"step": step, "world_size": self.world_size, "time": time.time()}
-        _atomic_write_text(path / COMPLETE, json.dumps(marker))
+        write_atomic(path / COMPLETE, json.dumps(marker))
         self._prune(keep=path)
         log.info("checkpoint step %d complete: %s", step, path)
 
@@ -380,7 +373,7 @@ class CheckpointManager:
         tmp = st_path.with_name(f".{st_path.name}.tmp")
         save_file(tensors, str(tmp))
         os.replace(tmp, st_path)
-        _atomic_write_text(js_path, json.dumps(meta))
+        write_atomic(js_path, json.dumps(meta))
 
     def _load_rng(self, path: Path, *, seed: int, step: int) -> bool:
         st_path, js_path = self._rng_paths(path)

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import signal
 import time
@@ -28,11 +27,7 @@ from motif_train.models.convert import check_tied_copies, drop_tied_duplicates, 
 from motif_train.models.flops import model_flops, num_video_tokens
 from motif_train.objectives import DiffusionObjective, ObjectiveConfig, total_loss
 from motif_train.optim import build_lr_scheduler, build_optimizer
-
-
-def _seed(*keys: int) -> int:
-    h = hashlib.blake2b(":".join(map(str, keys)).encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & 0x7FFF_FFFF_FFFF_FFFF
+from motif_train.utils import stable_seed
 
 
 class Trainer:
@@ -195,7 +190,7 @@ class Trainer:
     def generator(self, step: int, micro: int) -> torch.Generator:
         """Every random draw of a micro-step (σ, noise, dropout, TREAD ids) comes from here: a pure
         function of (seed, step, micro, rank), so a resumed run draws exactly the same numbers."""
-        return torch.Generator(self.device).manual_seed(_seed(self.cfg.train.seed, step, micro, self.dist.rank))
+        return torch.Generator(self.device).manual_seed(stable_seed(self.cfg.train.seed, step, micro, self.dist.rank))
 
     def forward_backward(self, batch, step: int, micro: int, weight: float) -> dict[str, torch.Tensor]:
         """One micro-batch; `weight` = its share of this rank's samples (micro-batches may differ in

@@ -26,12 +26,13 @@ import io
 import json
 import os
 import re
-import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+
+from motif_train.utils import write_atomic
 
 PathLike = str | Path
 
@@ -470,17 +471,6 @@ def merge_manifests(parts: Iterable[Mapping]) -> dict:
                              for f in ("samples", "tokens")} for n in dict.fromkeys(stage_names)}
     out["created"] = parts[0].get("created", out["created"])
     return out
-
-
-def write_atomic(path: PathLike, text: str) -> None:
-    """Write a text file via a temp file + fsync + rename: readers see the old or the new file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_jsonl(path: PathLike) -> list[dict]:

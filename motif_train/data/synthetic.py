@@ -9,10 +9,11 @@ pure function of (seed, sample id).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
 import torch
+
+from motif_train.utils import stable_seed
 
 from .batch import Batch
 from .curriculum import StageConfig
@@ -24,11 +25,6 @@ class SyntheticDataConfig:
     text_len: list[int] = field(default_factory=lambda: [4, 16])  # [min, max] true text tokens
     image_tokens: int = 16  # SigLIP tokens per first frame
     teacher_size: int = 32  # square side of the REPA teacher input
-
-
-def _seed(*keys: int) -> int:
-    h = hashlib.blake2b(":".join(map(str, keys)).encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
 class SyntheticSource:
@@ -51,7 +47,7 @@ class SyntheticSource:
     def bucket_for(self, step: int) -> list[int]:
         """Same bucket on every rank: a function of (seed, step) only."""
         buckets = self.stage.buckets
-        return list(buckets[_seed(self.seed, step, 0xB0) % len(buckets)])
+        return list(buckets[stable_seed(self.seed, step, 0xB0) % len(buckets)])
 
     def next_step(self, step: int) -> list[Batch]:
         g = self.stage.global_batch
@@ -73,7 +69,7 @@ class SyntheticSource:
     # ---- content -------------------------------------------------------------------------
     def _sample(self, idx: int, bucket: list[int]) -> dict:
         f, h, w = bucket
-        gen = torch.Generator().manual_seed(_seed(self.seed, idx))
+        gen = torch.Generator().manual_seed(stable_seed(self.seed, idx))
         lo, hi = self.cfg.text_len
         length = int(torch.randint(lo, hi + 1, (1,), generator=gen))
         lat_f, lat_h, lat_w = 1 + (f - 1) // 4, h // 8, w // 8

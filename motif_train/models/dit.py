@@ -17,7 +17,6 @@ block list uniform enough for FSDP2 / activation checkpointing / compile to wrap
 from __future__ import annotations
 
 import copy
-import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +32,8 @@ from diffusers.models.transformers.transformer_motif_video import (
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils._pytree import register_dataclass
+
+from motif_train.utils import stable_seed
 
 from .blocks import DualStreamBlock, SingleStreamBlock
 from .config import MotifDiTConfig, RoutingConfig
@@ -66,11 +67,6 @@ class RepaProjector(nn.Sequential):
     def __init__(self, dim: int, hidden: int, out: int) -> None:
         super().__init__(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
                          nn.Linear(hidden, out))
-
-
-def _name_seed(seed: int, name: str) -> int:
-    h = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def clean_module_name(name: str) -> str:
@@ -162,7 +158,7 @@ class MotifDiT(nn.Module):
             mod_name = clean_module_name(mod_name)
             for p_name, p in mod.named_parameters(recurse=False):
                 full = torch.empty(p.shape, dtype=torch.float32, device=_local(p).device)
-                g = torch.Generator(full.device).manual_seed(_name_seed(seed, f"{mod_name}.{p_name}"))
+                g = torch.Generator(full.device).manual_seed(stable_seed(seed, f"{mod_name}.{p_name}"))
                 if mod_name in zero or p_name == "bias":
                     full.zero_()
                 elif isinstance(mod, (nn.LayerNorm, nn.RMSNorm)):
