@@ -23,6 +23,7 @@ from motif_train.objectives.conditioning import ConditioningConfig
 from motif_train.objectives.flow import FlowConfig
 from motif_train.objectives.repa import RepaLossConfig
 from motif_train.optim import OptimConfig
+from motif_train.sampling import EvalConfig
 
 
 @dataclass
@@ -83,6 +84,7 @@ class TrainConfig:
     objective: ObjectiveSection = field(default_factory=ObjectiveSection)
     encoders: EncodersConfig = field(default_factory=EncodersConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def uses_shards(cfg: TrainConfig) -> bool:
@@ -120,6 +122,9 @@ def validate(cfg: TrainConfig, *, world_size: int, local_world_size: int | None 
     if cfg.objective.conditioning.text_dropout > 0 and cfg.encoders.root is None and not planned:
         raise ValueError("objective.conditioning.text_dropout > 0 needs the empty-prompt embedding: from the "
                          "shards (data=shards) or <encoders.root>/text_encoder; set one or text_dropout: 0")
+    if (cfg.eval.every or cfg.eval.at_end) and cfg.eval.prompts and cfg.encoders.root is None:
+        raise ValueError("eval needs the VAE and text encoder from encoders.root; set encoders.root, or disable "
+                         "validation with eval.every=0 eval.at_end=false")
     if cfg.train.steps is not None and cfg.train.steps < 1:
         raise ValueError(f"train.steps={cfg.train.steps} must be >= 1 (or null for the curriculum's total)")
     if cfg.profile.steps and (len(cfg.profile.steps) != 2 or not 1 <= cfg.profile.steps[0] <= cfg.profile.steps[1]):

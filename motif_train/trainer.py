@@ -69,6 +69,7 @@ class Trainer:
         self.step = self.samples = self.tokens = self.skipped_steps = self.bad_in_a_row = 0
         self.stage_idx = -1
         self._stop_signal = 0
+        self._val = None
         resumed = self.resume()
         self.metrics = MetricsLogger(cfg.logger, self.run_dir, rank=self.dist.rank, world_size=self.dist.world_size,
                                      device=self.device, run_name=cfg.name,
@@ -166,6 +167,43 @@ class Trainer:
     def save(self, *, force_sync: bool = False) -> None:
         blocked = self.checkpointer.save(self.step, self.checkpoint_states(), self.state_dict(), force_sync=force_sync)
         self.metrics.log_event(self.step, "checkpoint", **{"checkpoint/blocking_s": blocked})
+
+    # ---- validation ----------------------------------------------------------------------
+    def validate(self) -> list:
+        """Sample the fixed prompts (+ the I2V frame) with the EMA weights on every rank (sharded
+        model), write mp4s + a PNG grid under <run_dir>/samples/step_XXXXXXXX, log videos to W&B."""
+        from motif_train.sampling import build_requests, generate, write_outputs
+
+        ev = self.cfg.eval
+        if self._val is None:
+            self._val = build_requests(ev, self.cfg.encoders.root, self.device)
+        items, negative, vae = self._val
+        use_ema = ev.ema and self.ema is not None
+        self.model.eval()
+        try:
+            if use_ema:
+                with self.ema.swapped_in():
+                    videos = generate(self.model, items, negative, vae, ev, device=self.device, rank=self.dist.rank,
+                                      world_size=self.dist.world_size)
+            else:
+                videos = generate(self.model, items, negative, vae, ev, device=self.device, rank=self.dist.rank,
+                                  world_size=self.dist.world_size)
+        finally:
+            self.model.train()
+        if self.dist.is_main:
+            out = self.run_dir / "samples" / f"step_{self.step:08d}"
+            paths, grid = write_outputs(videos, out, ev.fps)
+            for name, v in videos:
+                self.metrics.log_video(self.step, f"val/{name}", v.numpy(), ev.fps)
+            self.metrics.log_event(self.step, f"validation: {len(paths)} videos, grid {grid}",
+                                   weights="ema" if use_ema else "raw")
+        return videos
+
+    def should_validate(self, step: int, last: bool) -> bool:
+        ev = self.cfg.eval
+        if not ev.prompts or self.cfg.encoders.root is None:
+            return False
+        return bool((ev.every and step % ev.every == 0) or (last and ev.at_end))
 
     # ---- curriculum ----------------------------------------------------------------------
     def enter_stage(self, step: int) -> None:
@@ -316,6 +354,8 @@ class Trainer:
                                   extra={**extra, "train/skipped_steps": float(self.skipped_steps),
                                          "data/skipped_samples": float(getattr(self.data, "skipped_total", 0))})
             self.profiler.step(self.step)
+            if self.should_validate(self.step, self.step == last):
+                self.validate()
             self.checkpointer.maybe_finalize()
             if self.stop_requested():
                 self.metrics.log_event(self.step, f"signal {signal.Signals(self._stop_signal).name}: saving and "

@@ -41,7 +41,8 @@ def prepare_data(root: Path, n_clips: int, env: dict) -> list[str]:
                     "--out", str(root / "plan" / "stage0.npz"), "--report", str(root / "plan" / "report.json")],
                    env=env, check=True)
     print("[5/5] train", flush=True)
-    return [f"data.root={root / 'data'}", f"encoders.root={root / 'encoders'}"]
+    return [f"data.root={root / 'data'}", f"encoders.root={root / 'encoders'}",
+            f"eval.i2v_frame={root / 'clips' / 'clip0002.mp4'}"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -98,6 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"W&B offline runs {', '.join(wandb_runs)}  (wandb sync <dir> to upload)")
     print(f"metrics          {metrics} ({len(rows)} step records, resumed steps appear twice)")
     print(f"loss plot        {run / 'loss.png'}")
+    samples = sorted((run / "samples").glob("step_*"))
+    if samples:
+        print(f"validation       {samples[-1]}: {', '.join(p.name for p in sorted(samples[-1].iterdir()))}")
     print(f"denoise loss     step {rows[0]['step']}: {first:.4f} -> step {rows[-1]['step']}: {last:.4f}")
 
 

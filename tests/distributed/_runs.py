@@ -12,7 +12,8 @@ from motif_train.metrics import read_metrics
 
 # 12 steps: stage 0 = steps 1-6 (REPA, dual->single route), stage 1 = steps 7-12 (decoder route).
 FAST = ["experiment=tiny_cpu", "data=synthetic", "logger.wandb=false", "curriculum.stages.0.steps=6",
-        "curriculum.stages.1.steps=6", "checkpoint.every=3", "checkpoint.keep_last=0", "logger.log_every=3"]
+        "curriculum.stages.1.steps=6", "checkpoint.every=3", "checkpoint.keep_last=0", "logger.log_every=3",
+        "eval.every=0", "eval.at_end=false"]
 
 
 def env(**extra) -> dict:
