@@ -40,3 +40,9 @@ def test_demo_pipeline_kill_and_resume(tmp_path):
     offline = list((run / "wandb").glob("offline-run-*"))
     assert offline and any(f.suffix == ".wandb" for d in offline for f in d.iterdir())
     assert list((run / "profile").glob("trace_steps_2-3*.json"))
+    # validation: EMA samples at the end of stage 0 and of the run (T2V prompts + one I2V frame)
+    for step in ("step_00000012", "step_00000024"):
+        names = sorted(p.name for p in (run / "samples" / step).iterdir())
+        assert names == ["grid.png", "i2v_00.mp4", "t2v_00.mp4", "t2v_01.mp4"]
+    wandb_bytes = b"".join(f.read_bytes() for d in offline for f in d.iterdir() if f.suffix == ".wandb")
+    assert b"val/t2v_00" in wandb_bytes and b"val/i2v_00" in wandb_bytes
