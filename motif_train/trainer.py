@@ -70,6 +70,7 @@ class Trainer:
         self.stage_idx = -1
         self._stop_signal = 0
         self._val = None
+        self.last_window: dict | None = None  # the last logged window (rates, MFU, peak memory)
         resumed = self.resume()
         self.metrics = MetricsLogger(cfg.logger, self.run_dir, rank=self.dist.rank, world_size=self.dist.world_size,
                                      device=self.device, run_name=cfg.name,
@@ -348,11 +349,12 @@ class Trainer:
                 self.metrics.log_event(self.step, f"corrupt sample skipped: {msg}")
             losses = {k: v for k, v in logs.items() if not k.startswith("sigma_q")}
             extra = {k: v for k, v in logs.items() if k.startswith("sigma_q") and not k.endswith(("_sum", "_count"))}
-            self.metrics.log_step(self.step, losses=losses, grad_norm=result["grad_norm"],
-                                  lr=lr, samples=n_samples, tokens=tokens,
-                                  step_time=step_time, data_wait=data_wait, flops=flops, stage=self.stage_idx,
-                                  extra={**extra, "train/skipped_steps": float(self.skipped_steps),
-                                         "data/skipped_samples": float(getattr(self.data, "skipped_total", 0))})
+            extra.update({"train/skipped_steps": float(self.skipped_steps),
+                          "data/skipped_samples": float(getattr(self.data, "skipped_total", 0))})
+            window = self.metrics.log_step(self.step, losses=losses, grad_norm=result["grad_norm"], lr=lr,
+                                           samples=n_samples, tokens=tokens, step_time=step_time, data_wait=data_wait,
+                                           flops=flops, stage=self.stage_idx, extra=extra)
+            self.last_window = window or self.last_window
             self.profiler.step(self.step)
             if self.should_validate(self.step, self.step == last):
                 self.validate()

@@ -86,7 +86,8 @@ def bench_gpu(args) -> dict:
             trainer.close()
         results[name] = summarize(run / "metrics.jsonl", args.warmup, peak)
         results[name]["compile"] = bool(cfg.parallel.compile)
-        results[name]["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        # logger.log_every = steps: one window, so its peak is the run's (the logger resets it per window)
+        results[name]["peak_mem_gib"] = (trainer.last_window or {}).get("mem/peak_gib")
         del trainer
         gc.collect()
         torch.cuda.empty_cache()

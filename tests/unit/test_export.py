@@ -64,7 +64,8 @@ def test_exported_folder_runs_in_the_motif_pipelines(run, tmp_path):
     enc = run / "encoders"
     transformer = MotifVideoTransformer3DModel.from_pretrained(
         export_checkpoint(run / "checkpoints" / "step_00000003", tmp_path / "transformer"))
-    parts = dict(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=AutoencoderKLWan.from_pretrained(enc / "vae"),
+    parts = dict(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                 vae=AutoencoderKLWan.from_pretrained(enc / "vae"),
                  text_encoder=T5Gemma2Encoder.from_pretrained(enc / "text_encoder"),
                  tokenizer=AutoTokenizer.from_pretrained(enc / "tokenizer"), transformer=transformer,
                  guider=ClassifierFreeGuidance(guidance_scale=3.0))
@@ -89,7 +90,8 @@ def test_exported_folder_runs_in_the_motif_pipelines(run, tmp_path):
 
 
 def test_motif_sample_cli(run, tmp_path):
-    p = subprocess.run([sys.executable, "-m", "motif_train.sample", f"checkpoint={run / 'checkpoints' / 'step_00000003'}",
+    ckpt = run / "checkpoints" / "step_00000003"
+    p = subprocess.run([sys.executable, "-m", "motif_train.sample", f"checkpoint={ckpt}",
                         "prompt=a blue circle", "steps=2", f"out={tmp_path / 's'}"], capture_output=True, text=True,
                        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert p.returncode == 0, p.stderr[-2000:]
