@@ -523,6 +523,7 @@ def render_curricula(options: list[str]) -> list[str]:
 
 EXPERIMENT = "motif_video_2b_64xh200"
 NODES, GPUS_PER_NODE = 8, 8
+SIGLIP_TOKENS = (896 // 14) ** 2  # SigLIP so400m tokens of one I2V first frame
 TEXT_LEN = 512  # text tokens per sample assumed (captions are trimmed to their length, so real runs use fewer)
 MFU_RUN = "TREAD 2..23 r=0.5"  # the train_gpu.json row whose MFU predicts the (routed, AC, compiled) stages
 # Measured on one H200 (torch 2.11.0+cu130) with `scripts/bench_model.py --device cuda --preset motif_video_2b
@@ -568,7 +569,7 @@ def scaling_inputs() -> dict:
     return dict(
         model_name=model_name, curriculum_name=curriculum_name, cfg=cfg, rep=rep, shard=shard, ac=pcfg.ac,
         ac_every=pcfg.ac_every, stages=load_option("curriculum", curriculum_name).values["stages"],
-        i2v_prob=float(cond.get("i2v_prob", 0.0)), image_tokens=int(exp.own.get("data", {}).get("image_tokens", 0)),
+        i2v_prob=float(cond.get("i2v_prob", 0.0)), image_tokens=SIGLIP_TOKENS,
         repa_weight=float(repa.get("weight", 0.5)), repa_until=repa.get("until_step"),
         params=params, ref_params=sum(p.numel() for p in ref.parameters()), block_params=block_params,
         root_params=root_params, mfu=float(train_gpu[MFU_RUN]["mfu"]), mfu_device=train_gpu["device"],
@@ -667,8 +668,8 @@ def render_scaling_blocks() -> dict[str, str]:
         f"- Mesh on {NODES} nodes × {GPUS_PER_NODE} GPUs: `ParallelConfig.degrees({dp}, {GPUS_PER_NODE})` = "
         f"(replicate {s['rep']}, shard {s['shard']}).",
         f"- FLOPs: `model_flops` per sample, text {TEXT_LEN} tokens, the stage's TREAD route, REPA head when the "
-        f"stage has REPA; I2V samples add {s['image_tokens']} SigLIP tokens (the experiment's `data.image_tokens`: "
-        f"SigLIP at 896 px) and are a share "
+        f"stage has REPA; I2V samples add {s['image_tokens']} SigLIP tokens (so400m at 896 px, "
+        f"patch 14: the I2V pipeline's `vision_tower` output) and are a share "
         f"`objective.conditioning.i2v_prob` = {s['i2v_prob']} of the video steps (images always train as T2V).",
         f"- Speed: {s['peak']:.0f} TFLOP/s (dense bf16 peak of the {s['mfu_device']}) × MFU {100 * s['mfu']:.1f} % = "
         f"{s['peak'] * s['mfu']:.0f} TFLOP/s of useful work per GPU, the MFU of the `{MFU_RUN}` run in "

@@ -155,7 +155,7 @@ def test_scaling_step_times_follow_flops_and_measured_mfu():
     mfu = bench["TREAD 2..23 r=0.5"]["mfu"]
     assert 0.3 < mfu < 0.45
     exp = yaml.safe_load((ROOT / "configs" / "experiment" / "motif_video_2b_64xh200.yaml").read_text())
-    i2v_prob, image_len = exp["objective"]["conditioning"]["i2v_prob"], exp["data"]["image_tokens"]
+    i2v_prob, image_len = exp["objective"]["conditioning"]["i2v_prob"], (896 // 14) ** 2  # SigLIP so400m
     stages = yaml.safe_load((ROOT / "configs" / "curriculum" / "motif_4stage.yaml").read_text())["stages"]
     cfg = load_model_config("motif_video_2b")
     rows = _table((ROOT / "docs" / "scaling.md").read_text(), "step-time")
