@@ -44,7 +44,7 @@ class Trainer:
         self.mesh = build_mesh(cfg.parallel, self.dist)
         self.curriculum = Curriculum(cfg.curriculum)
         self.total_steps = cfg.train.steps or self.curriculum.total_steps
-        self.teacher, self.empty_text = self.build_encoders()
+        self.teacher = self.build_teacher()
         self.model, self.parallel_info = self.build_model()
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.optim, self.total_steps,
@@ -54,9 +54,7 @@ class Trainer:
                                 image_dim=self.model.config.image_embed_dim, seed=cfg.train.seed,
                                 dp_rank=self.dist.rank, dp_size=self.dist.world_size,
                                 grad_accum=cfg.train.grad_accum)
-        data_empty = self.data.empty_text() if hasattr(self.data, "empty_text") else None
-        if data_empty is not None:
-            self.empty_text = tuple(t.to(self.device) for t in data_empty)
+        self.empty_text = self.empty_prompt() if cfg.objective.conditioning.text_dropout > 0 else None
         if cfg.objective.conditioning.text_dropout > 0 and self.empty_text is None:
             raise ValueError("objective.conditioning.text_dropout > 0 but neither the data (empty_prompt.npy) nor "
                              "encoders.root provides the empty-prompt embedding")
@@ -80,31 +78,37 @@ class Trainer:
                                resumed_from=str(resumed) if resumed else "none", **self.parallel_info)
 
     # ---- construction --------------------------------------------------------------------
-    def build_encoders(self):
-        """The frozen REPA teacher (plain module on every rank, never sharded or optimized) and
-        the empty-prompt embedding for CFG dropout."""
+    def build_teacher(self):
+        """The frozen REPA teacher: a plain module on every rank, never sharded or optimized."""
         enc = self.cfg.encoders
         if enc.root is None:
-            return None, None
-        from motif_train.objectives.encoders import TextEncoder, VJEPA2Teacher, build_tiny_encoders
+            return None
+        from motif_train.objectives.encoders import VJEPA2Teacher, build_tiny_encoders
 
         root = Path(enc.root)
         if enc.build_tiny and self.dist.is_main and not (root / "teacher").exists():
             build_tiny_encoders(root, seed=self.cfg.train.seed)
         dist.barrier()
-        teacher = empty = None
-        if any(s.repa for s in self.cfg.curriculum.stages) and self.cfg.objective.repa.weight > 0:
-            teacher = VJEPA2Teacher.from_pretrained(root / "teacher", device=self.device)
-            if teacher.hidden_size != self.cfg.model.repa.teacher_dim:
-                raise ValueError(f"model.repa.teacher_dim={self.cfg.model.repa.teacher_dim} but the teacher in "
-                                 f"{root / 'teacher'} has hidden size {teacher.hidden_size}")
-        if self.cfg.objective.conditioning.text_dropout > 0 and (root / "text_encoder").exists():
-            text = TextEncoder.from_pretrained(root / "text_encoder", root / "tokenizer")
-            e, m = text.encode([""])
-            n = int(m[0].sum())  # trimmed, as stored in shards
-            empty = (e[0, :n].to(self.device), m[0, :n].to(self.device))
-            del text
-        return teacher, empty
+        if not (any(s.repa for s in self.cfg.curriculum.stages) and self.cfg.objective.repa.weight > 0):
+            return None
+        teacher = VJEPA2Teacher.from_pretrained(root / "teacher", device=self.device)
+        if teacher.hidden_size != self.cfg.model.repa.teacher_dim:
+            raise ValueError(f"model.repa.teacher_dim={self.cfg.model.repa.teacher_dim} but the teacher in "
+                             f"{root / 'teacher'} has hidden size {teacher.hidden_size}")
+        return teacher
+
+    def empty_prompt(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The CFG-dropout embedding: the dataset's `empty_prompt.npy` when it has one, else encoded
+        once with <encoders.root>/text_encoder (trimmed, like the shards' text)."""
+        found = self.data.empty_text() if hasattr(self.data, "empty_text") else None
+        root = Path(self.cfg.encoders.root) if self.cfg.encoders.root else None
+        if found is None and root is not None and (root / "text_encoder").exists():
+            from motif_train.objectives.encoders import TextEncoder
+
+            e, m = TextEncoder.from_pretrained(root / "text_encoder", root / "tokenizer").encode([""])
+            n = int(m[0].sum())
+            found = (e[0, :n], m[0, :n])
+        return None if found is None else tuple(t.to(self.device) for t in found)
 
     def build_model(self) -> tuple[MotifDiT, dict]:
         """Meta-device build -> AC / compile / FSDP2 -> materialise -> init or load weights.
