@@ -280,6 +280,7 @@ class CheckpointManager:
             self._crash_hook(step)
             dist.barrier()
             self._mark_and_prune(step, path)
+            dist.barrier()  # no rank returns (and, on a signal, exits) before COMPLETE exists
         blocked = time.perf_counter() - t0
         log.info("checkpoint step %d: %s save, blocked %.2fs", step, "async" if self._pending else "sync", blocked)
         return blocked
