@@ -22,12 +22,12 @@ from rich.console import Console
 from rich.table import Table
 
 from motif_train.data.plan import (
-    bucket_name,
     naive_plan_utilization,
     plan_stats,
     replan,
     write_report,
 )
+from motif_train.data.shards import bucket_name
 
 
 class PlanInputError(Exception):
@@ -84,9 +84,9 @@ def stage_from_config(path: str | Path, stage: int) -> dict:
     st = stages[stage]
     try:
         buckets = [bucket_name(*b) for b in st["buckets"]]
-    except (KeyError, TypeError, ValueError):
-        raise PlanInputError(f"{str(path)!r} stage {stage}: 'buckets' must be a list of [frames, height, width]") \
-            from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise PlanInputError(f"{str(path)!r} stage {stage}: 'buckets' must be a list of [frames, height, width] "
+                             f"({type(e).__name__}: {e})") from None
     tb = st.get("token_budget")
     return {"buckets": buckets, "token_budget": None if tb is None else int(tb),
             "attention_aware": bool(st.get("attention_aware", False))}

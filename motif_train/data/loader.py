@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .batch import Batch
 from .curriculum import StageConfig
 from .plan import Plan, build_plan, replan
-from .shards import CorruptSample, bucket_name, decode_sample, load_manifest
+from .shards import CorruptSample, bucket_name, decode_sample, load_manifest, teacher_from_uint8
 
 
 @dataclass
@@ -127,7 +127,7 @@ def collate(samples: list[dict], teacher: bool) -> Batch:
         if not all("teacher" in s for s in samples):
             raise CorruptSample("a sample has no teacher pixels but REPA is on for this stage: re-run "
                                 "motif-preprocess with the teacher enabled")
-        tpx = torch.from_numpy(np.stack([s["teacher"] for s in samples])).float() / 127.5 - 1.0
+        tpx = torch.from_numpy(teacher_from_uint8(np.stack([s["teacher"] for s in samples])))
     latents = torch.from_numpy(np.stack([s["latents"] for s in samples]).astype(np.float32))
     return Batch(latents=latents, text=text, text_mask=mask, image_embeds=image, teacher_pixels=tpx,
                  keys=tuple(s["meta"]["key"] for s in samples))

@@ -32,10 +32,6 @@ PLAN_FORMAT = 1
 _U64 = 2**64
 
 
-def bucket_name(frames: int, height: int, width: int) -> str:
-    return f"{int(frames)}x{int(height)}x{int(width)}"
-
-
 def _stable_int(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")
 
