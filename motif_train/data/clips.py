@@ -8,7 +8,9 @@ Used by the unit tests, the demo and the preprocessing tests in place of real fo
 
 Both can include deliberately broken samples (a truncated mp4, an empty caption, a zero-byte mp4) so
 that the preprocessing can be tested to skip them. Pixels are a pure function of the `ClipSpec`
-(seed included); the mp4 bytes come from libx264 (mpeg4 when libx264 is not built into PyAV).
+(seed included); the mp4 bytes come from libx264 (mpeg4 when libx264 is not built into PyAV), run on
+one thread, so for one encoder build they are a pure function of the frames. Another PyAV/FFmpeg
+build may encode different bytes: tests compare decoded frames across builds, never bytes.
 """
 
 from __future__ import annotations
@@ -173,6 +175,10 @@ def write_mp4(path: str | Path | io.BytesIO, frames: np.ndarray, fps: float, *, 
         stream = container.add_stream(codec, rate=rate)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
+        # One encoder thread: left at 0 ("auto"), x264 picks its thread count from the process's CPU
+        # affinity at each call, and the count changes the bitstream (slices, lookahead, the SEI text),
+        # so the same frames gave different mp4 bytes after something in the process pinned CPUs.
+        stream.codec_context.thread_count = 1
         if codec == "libx264":
             stream.options = {"crf": "18", "preset": "veryfast"}
         else:

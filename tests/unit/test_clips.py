@@ -176,6 +176,27 @@ def test_tars_without_broken_and_determinism(specs, tmp_path):
         assert tf.getnames() == [f"{specs[2].key}.{e}" for e in ("mp4", "txt", "json")]
 
 
+def test_mp4_bytes_do_not_depend_on_cpu_affinity(tmp_path):
+    """The cause of folder/tar copies differing on a fresh machine: with the encoder's thread count left
+    at "auto", x264 sized its threads from the process's CPU affinity at each call (sliced threads: with 2 CPUs
+    two slices, with 1 CPU one), and something in the test process had pinned it in between."""
+    import os
+
+    spec = ClipSpec("aff", frames=8, height=128, width=128, fps=8.0, caption="", seed=11)  # 8 MB rows: 2 slices
+    frames = render_frames(spec)
+    before = os.sched_getaffinity(0)
+    out = []
+    try:
+        for cpus in ({min(before)}, before):
+            os.sched_setaffinity(0, cpus)
+            buf = io.BytesIO()
+            write_mp4(buf, frames, spec.fps)
+            out.append(buf.getvalue())
+    finally:
+        os.sched_setaffinity(0, before)
+    assert out[0] == out[1]
+
+
 def test_write_mp4_odd_size_and_fallback_codec(tmp_path):
     spec = ClipSpec("odd", frames=5, height=75, width=99, fps=10.0, caption="", seed=3)
     assert write_mp4(tmp_path / "odd.mp4", render_frames(spec), spec.fps) == default_codec()
