@@ -1,24 +1,37 @@
 # motif_train: `make demo` and `make test` work on a fresh CPU machine (they install first).
+# Every install comes from a committed lock (locks/*.txt, with hashes; see docs/dependencies.md):
+# `make install` syncs .venv to exactly locks/cpu.txt, `make lock` re-resolves the locks.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+UV     := $(BIN)/uv
 STAMP  := $(VENV)/.installed
-# Every install goes through the constraints file: it pins the local CPU torch wheel so that
-# no dependency can pull a multi-GB CUDA build.
-PIP    := $(BIN)/pip install -q -c constraints.txt
-TORCH  := torch==2.13.0
+# Where the CPU torch wheel (torch-2.13.0+cpu) lies: a folder or an index URL.
+TORCH_WHEELS ?= /opt/wheels
+# One platform for every lock: Linux x86_64, CPython 3.11 (the machines this project runs on).
+LOCK   := $(UV) pip compile --quiet --generate-hashes --python-version 3.11 \
+          --python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" -c constraints.txt
 
-.PHONY: install demo test test-fast bench flops sky clean
+.PHONY: install install-gpu lock demo test test-fast bench flops sky clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(PIP) $(TORCH)
-	$(PIP) -e '.[dev]'
+# launch/install.sh makes the venv exactly locks/cpu.txt (uv sync, hashes required) plus the project.
+$(STAMP): locks/cpu.txt locks/bootstrap.txt pyproject.toml launch/install.sh
+	PYTHON=$(PYTHON) TORCH_WHEELS=$(TORCH_WHEELS) launch/install.sh cpu $(VENV)
 	$(BIN)/python -c "import torch, diffusers, transformers; print('torch', torch.__version__, '| diffusers', diffusers.__version__, '| transformers', transformers.__version__)"
 	touch $(STAMP)
+
+# A GPU node: the same set with the index's CUDA build of torch (locks/gpu.txt).
+install-gpu:
+	PYTHON=$(PYTHON) launch/install.sh gpu $(VENV)
+
+# Re-resolve every lock from pyproject.toml (needs uv: run `make install` first). Review the diff.
+lock:
+	$(LOCK) pyproject.toml locks/build.in --extra dev -c locks/cpu-torch.txt --find-links $(TORCH_WHEELS) -o locks/cpu.txt
+	$(LOCK) pyproject.toml locks/build.in --extra dev -c locks/gpu-torch.txt -o locks/gpu.txt
+	$(LOCK) locks/sky.in -o locks/sky.txt
+	echo uv | $(LOCK) - -c locks/cpu.txt -o locks/bootstrap.txt
 
 demo: install
 	OMP_NUM_THREADS=2 $(BIN)/python scripts/demo_spine.py --out runs/demo_spine
@@ -37,11 +50,11 @@ bench: install
 flops: install
 	$(BIN)/motif-flops
 
-# SkyPilot pins an older `click` than wandb: it gets its own venv.
+# SkyPilot pins an older `click` than wandb: it gets its own venv, from its own lock.
 sky: .venv-sky/.installed
-.venv-sky/.installed:
+.venv-sky/.installed: locks/sky.txt $(STAMP)
 	test -x .venv-sky/bin/python || $(PYTHON) -m venv .venv-sky
-	.venv-sky/bin/pip install -q 'skypilot>=0.10'
+	$(UV) pip sync -q --python .venv-sky/bin/python --require-hashes locks/sky.txt
 	touch $@
 
 clean:
