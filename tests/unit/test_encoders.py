@@ -173,12 +173,61 @@ def test_teacher_shape_and_attributes(enc):
     s, p = t.crop_size, t.patch_size
     out = t(_video(2, 6, s, s))
     assert out.shape == (2, 3, s // p, s // p, t.hidden_size)
-    # tokens are the encoder's (t, h, w)-ordered last_hidden_state
-    x = (_video(2, 6, s, s) + 1) / 2
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1, 1)
-    ref = t.model(pixel_values_videos=((x - mean) / std).permute(0, 2, 1, 3, 4),
-                  skip_predictor=True).last_hidden_state
+
+
+# V-JEPA 2's published preprocessing (facebookresearch/vjepa2, transformers VJEPA2VideoProcessor):
+# rescale to [0, 1], then ImageNet mean / std per RGB channel. Hard-coded here on purpose.
+_VJEPA2_MEAN = (0.485, 0.456, 0.406)
+_VJEPA2_STD = (0.229, 0.224, 0.225)
+
+
+def test_teacher_input_is_published_vjepa2_preprocessing(enc):
+    t = enc.teacher
+    s, frames = t.crop_size, 4
+    # A distinct [0, 1] value per (sample, channel, frame), constant over space...
+    u = torch.tensor([[0.0, 0.25, 0.5, 1.0], [0.1, 0.3, 0.6, 0.9], [0.2, 0.4, 0.8, 0.7]])  # (C, T)
+    u = torch.stack([u, 1 - u])  # (B=2, C, T)
+    pixels = (u * 2 - 1)[..., None, None].expand(2, 3, frames, s, s).clone()  # [-1, 1]
+    pixels[1, 1, 2, 3, 5] = 1.0  # ...plus one white G pixel at sample 1, frame 2, (h=3, w=5)
+    seen = {}
+    hooks = [
+        t.model.register_forward_pre_hook(lambda m, a, kw: seen.__setitem__("videos", kw["pixel_values_videos"]),
+                                          with_kwargs=True),
+        # What the Conv3d patch embedding convolves: (B, C, T, H, W) after VJEPA2's own permute.
+        t.model.encoder.embeddings.patch_embeddings.proj.register_forward_pre_hook(
+            lambda m, a: seen.__setitem__("conv", a[0])),
+    ]
+    try:
+        out = t(pixels)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    vid = seen["videos"]
+    assert vid.shape == (2, frames, 3, s, s)  # transformers' VJEPA2 layout: (B, T, C, H, W)
+    assert vid.dtype == torch.float32
+    for b in range(2):
+        for c in range(3):
+            for f in range(frames):
+                want = (u[b, c, f].item() - _VJEPA2_MEAN[c]) / _VJEPA2_STD[c]
+                got = vid[b, f, c].clone()
+                if (b, c, f) == (1, 1, 2):
+                    got[3, 5] = want  # the white pixel is checked below
+                torch.testing.assert_close(got, torch.full((s, s), want), rtol=0, atol=1e-6)
+    # Known pixels, exact numbers (published constants).
+    assert vid[0, 3, 0, 0, 0].item() == pytest.approx((1.0 - 0.485) / 0.229, abs=1e-6)  # 2.2489083
+    assert vid[0, 0, 0, 1, 1].item() == pytest.approx(-0.485 / 0.229, abs=1e-6)  # black R: -2.1179039
+    assert vid[0, 2, 1, 4, 4].item() == pytest.approx((0.6 - 0.456) / 0.224, abs=1e-6)  # 0.6428571
+    assert vid[1, 2, 1, 3, 5].item() == pytest.approx((1.0 - 0.456) / 0.224, abs=1e-6)  # 2.4285714
+    assert vid[1, 2, 1, 3, 4].item() == pytest.approx((0.4 - 0.456) / 0.224, abs=1e-6)  # neighbour: -0.25
+    # Channels / frames land on the Conv3d's channel / time axes.
+    conv = seen["conv"]
+    assert conv.shape == (2, 3, frames, s, s)
+    assert conv[1, 1, 2, 3, 5].item() == pytest.approx((1.0 - 0.456) / 0.224, abs=1e-6)
+    assert conv[0, 0, 3, 0, 0].item() == pytest.approx((1.0 - 0.485) / 0.229, abs=1e-6)
+    assert conv[0, 2, 0, 0, 0].item() == pytest.approx((0.2 - 0.406) / 0.225, abs=1e-6)  # -0.9155556
+    # Output tokens are the encoder's (t, h, w)-ordered last_hidden_state on that input.
+    ref = t.model(pixel_values_videos=vid, skip_predictor=True).last_hidden_state
+    assert out.shape == (2, frames // 2, s // t.patch_size, s // t.patch_size, t.hidden_size)
     assert torch.equal(out.flatten(1, 3), ref)
 
 

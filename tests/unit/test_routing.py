@@ -23,11 +23,42 @@ def test_keep_ids_sorted_unique_per_sample():
 
 
 def test_ratio_zero_equals_no_routing(tiny_cfg):
-    m = randomized(tiny(tiny_cfg, routing=route(1, 3, 0.0))).train()
+    """ratio 0 == no route at all (bit for bit); ratio > 0 really shrinks the routed blocks."""
     kw = inputs(tiny_cfg, mask=True, image=True)
-    out = m(**kw)
-    assert out.keep_ids is None
-    assert torch.equal(out.sample, m(**kw, route=False).sample)
+    n = 3 * 4 * 6  # video tokens of the (3, 8, 12) latent with patch 2
+
+    def tokens_per_block(m):
+        seen = []
+        hooks = [blk.register_forward_pre_hook(lambda mod, a: seen.append(a[0].shape[1])) for blk in m.blocks()]
+        out = m(**kw, generator=torch.Generator().manual_seed(5))
+        for hk in hooks:
+            hk.remove()
+        return out, seen
+
+    zero = randomized(tiny(tiny_cfg, routing=route(1, 3, 0.0))).train()
+    none = randomized(tiny_cfg).train()
+    none.set_routing(None)  # no routing config at all
+    half = randomized(tiny(tiny_cfg, routing=route(1, 3, 0.5))).train()
+    for a, b in ((zero, none), (zero, half)):  # same seed: identical weights, only the route differs
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+    out0, seen0 = tokens_per_block(zero)
+    out_none, seen_none = tokens_per_block(none)
+    assert out0.keep_ids is None and out_none.keep_ids is None
+    assert seen0 == seen_none == [n] * 6
+    assert torch.equal(out0.sample, out_none.sample)
+
+    out_half, seen_half = tokens_per_block(half)
+    k = num_kept(n, 0.5)
+    assert k == 36 and out_half.keep_ids.shape == (2, k)
+    assert seen_half == [n, k, k, k, n, n]  # blocks 1..3 see only the kept tokens
+    assert (out_half.sample - out0.sample).abs().max() > 1e-2  # the route changes the output
+    # Switching the same model's route off with set_routing restores the unrouted output.
+    half.set_routing(route(1, 3, 0.0))
+    out_off, seen_off = tokens_per_block(half)
+    assert out_off.keep_ids is None and seen_off == [n] * 6
+    assert torch.equal(out_off.sample, out0.sample)
 
 
 def test_keeping_every_token_equals_full_forward(tiny_cfg):
