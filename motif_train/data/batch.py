@@ -18,6 +18,10 @@ class Batch:
     teacher_pixels: REPA teacher input (B, 3, 2+4k, S, S) in [-1, 1] (frame 0 already
         duplicated, see `objectives.repa.teacher_pixels`), or None when REPA is off.
     keys: sample ids, for logging skipped / bad samples.
+    padding: True for a micro-batch the loader added only so every rank runs the same number of
+        micro-batches (FSDP collectives must match) after it lost samples; it repeats one of the
+        rank's real samples. The trainer runs it forward+backward with loss weight 0 and leaves its
+        samples out of the sample/token counts.
     """
 
     latents: torch.Tensor
@@ -26,6 +30,7 @@ class Batch:
     image_embeds: torch.Tensor | None = None
     teacher_pixels: torch.Tensor | None = None
     keys: tuple[str, ...] = ()
+    padding: bool = False
 
     def __post_init__(self) -> None:
         b = self.latents.shape[0]

@@ -14,7 +14,10 @@ Resumable and rank-parallel, all through files under `<out>/progress/`:
 
 Rank r takes items i % world_size == r of the sorted input list, minus the sources already in a
 closed shard or a failure record. Rank 0 waits for every rank, then writes manifest.json,
-empty_prompt.npy and failures.jsonl from the journals and the tars.
+empty_prompt.npy and failures.jsonl from the journals and the tars. Each shard gets its member
+index `<shard>.tar.idx.json` (offsets, sizes, crc32 per member; written by `ShardWriter` before the
+tar is renamed into place) and the manifest names it with its own crc32 (format in shards.py), so
+the loader can verify every member it reads.
 """
 
 from __future__ import annotations
@@ -525,8 +528,9 @@ def _finalize(out: Path, enc: _Encoders, settings: dict, stage_map: dict, names:
         keys = S.read_tar_keys(path)
         if keys != e.get("keys", keys):
             log.warning("%s: journal keys differ from the tar's; using the tar", e["shard"])
+        # The member index (offsets + crc32) the writer put beside the tar, if it matches the tar.
         entries.append({"path": e["shard"], "bucket": S.parse_shard_name(path)[0], "samples": len(keys),
-                        "keys": keys, "bytes": path.stat().st_size})
+                        "keys": keys, "bytes": path.stat().st_size, **S.index_entry(out, e["shard"])})
     fails = _failures(out)
     S.write_atomic(out / S.FAILURES_NAME,
                    "".join(json.dumps({"source": s, "reason": r}) + "\n" for s, r in sorted(fails.items())))

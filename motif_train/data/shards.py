@@ -18,6 +18,20 @@ of 16). One sample per key; tar members (`<key>.<field>`):
                    "latent_shape", "text_len", "tokens", ...}
 
 Arrays are `.npy` written by `np.save` and read with `allow_pickle=False`: nothing is pickled.
+
+Member index and checksums. Beside every tar, `ShardWriter` writes `<shard>.tar.idx.json` (before the
+tar's atomic rename, so a finished tar always has one)::
+
+    {"version": 1, "tar_bytes": N, "members": [[name, data_offset, size, crc32], ...]}   (tar order)
+
+crc32 (`zlib.crc32`) is over each member's payload bytes. The manifest's shard entry names it
+(`"index"`, relative to the root) with the crc32 of the index file itself (`"index_crc"`). The loader
+reads members at those offsets without parsing the tar, verifies each crc, and treats a member that
+ends past the end of the file as truncated. A shard without an index (datasets from before it; the
+manifest version is unchanged and such manifests still load), or whose index does not match its
+`index_crc`, is indexed by a tolerant walk of its 512-byte tar headers instead: no checksums then,
+only the decode checks below. `decode_sample` also rejects non-finite float arrays (NaN/Inf), so
+flipped bytes that keep a valid `.npy` header are caught even without a checksum.
 """
 
 from __future__ import annotations
@@ -26,6 +40,8 @@ import io
 import json
 import os
 import re
+import tarfile
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,6 +57,8 @@ MANIFEST_NAME = "manifest.json"
 EMPTY_PROMPT_NAME = "empty_prompt.npy"
 FAILURES_NAME = "failures.jsonl"
 SHARDS_DIR = "shards"
+INDEX_SUFFIX = ".idx.json"  # <shard>.tar.idx.json: member offsets, sizes and crc32 (module doc)
+INDEX_VERSION = 1
 # Tar member suffixes (webdataset "extensions") of one sample.
 ARRAY_FIELDS = ("latents", "text", "image", "teacher")
 REQUIRED_FIELDS = ("latents", "text")
@@ -50,8 +68,8 @@ _SHARD_RE = re.compile(r"^(?P<bucket>\d+x\d+x\d+)-r(?P<rank>\d+)-(?P<idx>\d+)\.t
 
 __all__ = [
     "MANIFEST_VERSION", "CorruptSample", "ShardWriter", "bucket_name", "bucket_info", "decode_sample",
-    "encode_sample", "latent_shape", "load_manifest", "merge_manifests", "parse_bucket", "save_manifest",
-    "shard_name", "validate_bucket", "video_tokens",
+    "encode_sample", "index_entry", "latent_shape", "load_manifest", "merge_manifests", "parse_bucket",
+    "parse_index", "save_manifest", "shard_name", "validate_bucket", "video_tokens",
 ]
 
 
@@ -255,6 +273,11 @@ def decode_sample(members: Mapping[str, bytes]) -> dict:
         a = out.get(field)
         if a is not None and a.dtype != np.float16:
             raise CorruptSample(key, field, f"dtype {a.dtype}, expected float16")
+        # Preprocessing refuses non-finite encoder outputs, so a NaN/Inf here means flipped bytes
+        # (caught even for shards without checksums); one would poison the whole step's gradient.
+        if a is not None and not np.isfinite(a).all():
+            raise CorruptSample(key, field, f"{int((~np.isfinite(a)).sum())} non-finite value(s) (NaN/Inf): "
+                                "flipped bytes")
     if list(lat.shape) != list(meta.get("latent_shape", [])):
         raise CorruptSample(key, "latents", f"shape {list(lat.shape)} != meta latent_shape {meta.get('latent_shape')}")
     if "bucket" in meta:
@@ -282,8 +305,6 @@ def decode_sample(members: Mapping[str, bytes]) -> dict:
 
 def read_tar_keys(path: PathLike) -> list[str]:
     """Sample keys of a shard in tar order (member names only; no data is decoded)."""
-    import tarfile
-
     keys: list[str] = []
     with tarfile.open(path, "r:") as tf:
         for m in tf:
@@ -291,6 +312,40 @@ def read_tar_keys(path: PathLike) -> list[str]:
             if m.isfile() and (not keys or keys[-1] != k):
                 keys.append(k)
     return keys
+
+
+def index_name(shard: str) -> str:
+    """Relative path of a shard's member index: `<shard>.tar` + INDEX_SUFFIX."""
+    return shard + INDEX_SUFFIX
+
+
+def parse_index(data: bytes) -> tuple[int, dict[str, tuple[int, int, int]]]:
+    """Bytes of a `<shard>.tar.idx.json` -> (tar_bytes, {member name: (data offset, size, crc32)});
+    ValueError when it is not a valid index."""
+    idx = json.loads(bytes(data).decode("utf-8"))
+    if not isinstance(idx, dict) or idx.get("version") != INDEX_VERSION:
+        raise ValueError(f"not a shard index of version {INDEX_VERSION}")
+    members: dict[str, tuple[int, int, int]] = {}
+    for row in idx["members"]:
+        name, off, size, crc = row
+        if not (isinstance(name, str) and all(isinstance(v, int) and v >= 0 for v in (off, size, crc))):
+            raise ValueError(f"bad index row {row!r}")
+        members[name] = (off, size, crc)
+    return int(idx["tar_bytes"]), members
+
+
+def index_entry(root: PathLike, shard: str) -> dict:
+    """{"index", "index_crc"} for a manifest shard entry when `<shard>.tar.idx.json` exists and describes
+    the tar as it is on disk (same size), else {} (the loader then scans the tar's headers)."""
+    path = Path(root) / index_name(shard)
+    try:
+        data = path.read_bytes()
+        tar_bytes, _ = parse_index(data)
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    if tar_bytes != (Path(root) / shard).stat().st_size:
+        return {}
+    return {"index": index_name(shard), "index_crc": zlib.crc32(data)}
 
 
 # -------------------------------------------------------------------------------- writer
@@ -304,7 +359,9 @@ class ShardWriter:
     bytes, or on `close()`. Indices continue after the highest existing `.tar` of the same
     bucket and rank, and are at least `first_index[bucket]` (a deleted shard's name is not reused).
     `on_close(entry)` runs after each rename; `entries` collects them:
-    {"path" (relative to root), "bucket", "samples", "keys", "bytes", "sources"}.
+    {"path" (relative to root), "bucket", "samples", "keys", "bytes", "index", "index_crc", "sources"}.
+    The member index `<name>.tar.idx.json` (offsets, sizes, crc32; module doc) is written just
+    before the rename.
 
     Used as a context manager, an exception leaves the open `.tar.tmp` files behind unfinished
     (as a crash would); a re-run discards them.
@@ -342,13 +399,17 @@ class ShardWriter:
         stream = open(path.with_name(path.name + ".tmp"), "wb")
         # mtime fixed: identical content gives identical tar bytes.
         writer = wds.TarWriter(stream, encoder=False, mtime=0)
-        return {"rel": rel, "path": path, "stream": stream, "writer": writer, "keys": [], "sources": []}
+        return {"rel": rel, "path": path, "stream": stream, "writer": writer, "keys": [], "sources": [], "crc": {}}
 
     def write(self, bucket: str, sample: Mapping, source: str | None = None) -> dict | None:
         """Append an `encode_sample` dict to the bucket's open shard; returns the entry if that closed it."""
         parse_bucket(bucket)
         cur = self._open.get(bucket) or self._open.setdefault(bucket, self._start(bucket))
         cur["writer"].write(dict(sample))
+        for field, value in sample.items():  # the bytes TarWriter writes as member "<key>.<field>"
+            if not field.startswith("_"):
+                cur["crc"][f"{sample['__key__']}.{field}"] = zlib.crc32(
+                    value.encode("utf-8") if isinstance(value, str) else value)
         cur["keys"].append(sample["__key__"])
         cur["sources"].append(source)
         if len(cur["keys"]) >= self.target_samples or cur["stream"].tell() >= self.target_bytes:
@@ -362,9 +423,16 @@ class ShardWriter:
         os.fsync(cur["stream"].fileno())
         cur["stream"].close()
         tmp = cur["path"].with_name(cur["path"].name + ".tmp")
+        # Offsets from the finished file's own headers (TarWriter streams, so tell() is not exact).
+        with tarfile.open(tmp, "r:") as tf:
+            rows = [[m.name, m.offset_data, m.size, cur["crc"][m.name]] for m in tf if m.isfile()]
+        size = tmp.stat().st_size
+        text = json.dumps({"version": INDEX_VERSION, "tar_bytes": size, "members": rows}, separators=(",", ":"))
+        write_atomic(self.root / index_name(cur["rel"]), text)
         os.replace(tmp, cur["path"])
         entry = {"path": cur["rel"], "bucket": bucket, "samples": len(cur["keys"]), "keys": cur["keys"],
-                 "bytes": cur["path"].stat().st_size, "sources": cur["sources"]}
+                 "bytes": size, "index": index_name(cur["rel"]), "index_crc": zlib.crc32(text.encode("utf-8")),
+                 "sources": cur["sources"]}
         self.entries.append(entry)
         if self.on_close is not None:
             self.on_close(entry)
@@ -406,12 +474,13 @@ def now_iso() -> str:
 def build_manifest(shards: Iterable[Mapping], *, dropped: Mapping[str, int] | None = None,
                    stages: Mapping[str, Iterable[str]] | None = None, encoders: Mapping | None = None,
                    config: Mapping | None = None, buckets: Iterable[str] = ()) -> dict:
-    """A manifest from shard entries ({"path", "bucket", "samples", "keys", "bytes"}).
+    """A manifest from shard entries ({"path", "bucket", "samples", "keys", "bytes", ["index", "index_crc"]}).
 
     Shards are sorted by path; `buckets` lists buckets to include even when empty; `stages`
     maps a stage name to its bucket names (for the per-stage totals). Keys must be unique.
     """
-    entries = sorted(({k: s[k] for k in ("path", "bucket", "samples", "keys", "bytes")} for s in shards),
+    entries = sorted(({**{k: s[k] for k in ("path", "bucket", "samples", "keys", "bytes")},
+                       **{k: s[k] for k in ("index", "index_crc") if k in s}} for s in shards),
                      key=lambda s: s["path"])
     seen: dict[str, str] = {}
     for s in entries:

@@ -115,7 +115,8 @@ def test_corrupt_sample_is_skipped_and_counted(dataset, tmp_path):
     with open(bad / shard["path"], "r+b") as f:  # same size, garbage content: not a valid .npy any more
         f.seek(m.offset_data)
         f.write(b"\x00" * m.size)
-    for budget in (144, 72):  # 2 samples per step: one is skipped; 1 per step: a spare takes its place
+    assert shard["index"] == shard["path"] + ".idx.json" and isinstance(shard["index_crc"], int)
+    for budget in (144, 72):  # 2 or 1 samples per step: a spare takes the skipped one's place either way
         src = _source(bad)
         src.set_stage(StageConfig(name="s", steps=50, buckets=[[9, 64, 96]], token_budget=budget), teacher=False)
         keys = []
@@ -123,10 +124,15 @@ def test_corrupt_sample_is_skipped_and_counted(dataset, tmp_path):
             batches = src.next_step(step)
             keys += [k for b in batches for k in b.keys]
             if src.skipped_total:
-                assert sum(len(b) for b in batches) == 1  # 2 - the skipped one, or the spare
+                assert sum(len(b) for b in batches) == budget // 72  # the planned count: skipped one + spare
                 break
-        assert src.skipped_total == 1 and key in src.last_skipped[0]
-        assert key not in keys
+        assert src.skipped_total == src.last_skipped_count == 1
+        assert key in src.last_skipped[0] and shard["path"] in src.last_skipped[0]
+        assert "checksum mismatch" in src.last_skipped[0] and "'latents'" in src.last_skipped[0]
+        (note,) = src.last_skipped[1:]  # the spare, named only once it was read
+        spare = note.split(" ", 1)[0]
+        assert "as a spare for " + key in note and spare in [k for b in batches for k in b.keys]
+        assert key not in keys and not any(b.padding for b in batches)
 
 
 def test_missing_shard_fails_at_start(dataset, tmp_path):

@@ -240,3 +240,44 @@ def test_shard_members_are_plain_npy(tmp_path):
         for n in names:
             if n.endswith(".npy"):
                 np.load(io.BytesIO(tf.extractfile(n).read()), allow_pickle=False)
+
+
+def test_member_index_is_written_and_carried(tmp_path):
+    import zlib
+
+    with ShardWriter(tmp_path, target_samples=2) as w:
+        for k in ("a", "b", "c"):
+            w.write("9x32x48", encode_sample(k, meta=_meta(k), **_arrays()))
+    e = w.entries[0]
+    raw = (tmp_path / e["index"]).read_bytes()
+    assert e["index"] == e["path"] + ".idx.json" and e["index_crc"] == zlib.crc32(raw)
+    tar_bytes, members = S.parse_index(raw)
+    assert tar_bytes == e["bytes"] == (tmp_path / e["path"]).stat().st_size
+    with tarfile.open(tmp_path / e["path"]) as tf:
+        want = {m.name: (m.offset_data, m.size, zlib.crc32(tf.extractfile(m).read())) for m in tf}
+    assert members == want and len(want) == 10
+    # the manifest keeps it, also through a merge; index_entry finds it again from the files
+    m = S.build_manifest(w.entries)
+    assert [(s["index"], s["index_crc"]) for s in m["shards"]] == [(x["index"], x["index_crc"]) for x in w.entries]
+    assert merge_manifests([m])["shards"] == m["shards"]
+    assert S.index_entry(tmp_path, e["path"]) == {"index": e["index"], "index_crc": e["index_crc"]}
+    with open(tmp_path / e["path"], "r+b") as f:  # an index that does not describe the tar is not used
+        f.truncate(e["bytes"] - 1024)
+    assert S.index_entry(tmp_path, e["path"]) == {}
+    (tmp_path / e["index"]).write_bytes(b"{garbage")
+    assert S.index_entry(tmp_path, e["path"]) == {}
+    with pytest.raises(ValueError, match="version"):
+        S.parse_index(b'{"version": 9, "tar_bytes": 0, "members": []}')
+    # manifests from before the index (no such keys) still build
+    old = [{k: v for k, v in x.items() if not k.startswith("index")} for x in w.entries]
+    assert all("index" not in s for s in S.build_manifest(old)["shards"])
+
+
+def test_non_finite_arrays_are_corrupt():
+    raw = encode_sample("k", meta=_meta("k"), **_arrays())
+    for field, bad in (("latents", np.nan), ("text", np.inf), ("image", -np.inf)):
+        arr = decode_sample(raw)[field].copy()
+        arr.reshape(-1)[3] = bad
+        with pytest.raises(CorruptSample, match="1 non-finite") as e:
+            decode_sample({**raw, f"{field}.npy": S.npy_bytes(arr)})
+        assert e.value.key == "k" and e.value.field == field
