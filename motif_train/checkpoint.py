@@ -16,6 +16,7 @@ This module never imports the trainer.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import logging
@@ -61,7 +62,6 @@ log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
 TRAIN_STATE = "train_state.json"
-CRASH_ENV = "MOTIF_TEST_CRASH_IN_SAVE"
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _ASYNC_MODES = ("auto", "sync", "async")
 
@@ -74,6 +74,9 @@ class CheckpointConfig:
     async_mode: str = "auto"  # "auto" (async on CUDA, sync on CPU) | "sync" | "async"
     save_at_end: bool = True
     folder: str = "checkpoints"  # relative to the run dir
+    # Refuse to save (the run stops, naming the last good checkpoint) when the largest |weight| of the
+    # model or EMA exceeds this; 0 disables the magnitude check. Non-finite weights are always refused.
+    max_abs_weight: float = 1e4
 
     def __post_init__(self) -> None:
         for name in ("every", "keep_last"):
@@ -88,6 +91,10 @@ class CheckpointConfig:
             raise ValueError(f"checkpoint.save_at_end must be a bool, got {self.save_at_end!r}")
         if not isinstance(self.folder, str) or not self.folder.strip():
             raise ValueError(f"checkpoint.folder must be a non-empty path, got {self.folder!r}")
+        if isinstance(self.max_abs_weight, bool) or not isinstance(self.max_abs_weight, int | float) or not (
+                0 <= self.max_abs_weight < float("inf")):
+            raise ValueError(f"checkpoint.max_abs_weight must be a finite number >= 0 (0 disables the check), got "
+                             f"{self.max_abs_weight!r}")
 
 
 # --------------------------------------------------------------------------- Stateful wrappers
@@ -189,7 +196,8 @@ class _Pending:
 
 class CheckpointManager:
     def __init__(
-        self, cfg: CheckpointConfig, run_dir: str | Path, *, rank: int, world_size: int, device: torch.device
+        self, cfg: CheckpointConfig, run_dir: str | Path, *, rank: int, world_size: int, device: torch.device,
+        timeout: datetime.timedelta | None = None,
     ) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -205,12 +213,13 @@ class CheckpointManager:
         self._last_step: int | None = None
         # Dedicated gloo groups, created once (collectively) only when async saving is used:
         # one carries DCP's collectives in the background thread, the other the per-step
-        # done-flag all_reduce (two threads must never share one gloo group).
+        # done-flag all_reduce (two threads must never share one gloo group). `new_group` does not
+        # inherit the world's timeout (gloo's default is 30 min), so the configured one is passed.
         self._save_pg = None
         self._ctrl_pg = None
         if self.use_async:
-            self._save_pg = dist.new_group(backend="gloo")
-            self._ctrl_pg = dist.new_group(backend="gloo")
+            self._save_pg = dist.new_group(backend="gloo", timeout=timeout)
+            self._ctrl_pg = dist.new_group(backend="gloo", timeout=timeout)
 
     # ------------------------------------------------------------------ queries
     def step_dir(self, step: int) -> Path:
@@ -277,7 +286,6 @@ class CheckpointManager:
             self._pending = _Pending(step, path, fut)
         else:
             dcp.save(states, checkpoint_id=str(path))
-            self._crash_hook(step)
             dist.barrier()
             self._mark_and_prune(step, path)
             dist.barrier()  # no rank returns (and, on a signal, exits) before COMPLETE exists
@@ -304,6 +312,13 @@ class CheckpointManager:
         dist.barrier(group=self._ctrl_pg)
         self._finalize()
 
+    def abandon(self) -> None:
+        """Forget the pending save without any collective (the error path: a peer may be dead, so
+        no barrier). Its directory stays without COMPLETE: resume ignores it, a later save prunes it."""
+        if self._pending is not None:
+            log.warning("checkpoint step %d abandoned before it was marked complete", self._pending.step)
+        self._pending = None
+
     def close(self) -> None:
         self.wait()
         for pg in (self._save_pg, self._ctrl_pg):
@@ -315,12 +330,7 @@ class CheckpointManager:
         pending, self._pending = self._pending, None
         assert pending is not None
         pending.future.result()  # re-raise a failed background save
-        self._crash_hook(pending.step)
         self._mark_and_prune(pending.step, pending.path)
-
-    def _crash_hook(self, step: int) -> None:
-        if os.environ.get(CRASH_ENV, "").strip() == str(step):
-            os._exit(17)
 
     def _mark_and_prune(self, step: int, path: Path) -> None:
         if self.rank != 0:

@@ -44,7 +44,7 @@ class TrainSection:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
-    stop_at: int | None = None  # end the run after this step (save included), like a clean preemption
+    stop_at: int | None = None  # end the run after this step >= 1 (save included), like a clean preemption; None: off
     debug_nan_steps: list[int] = field(default_factory=list)  # inject a NaN loss at these steps (tests)
 
 
@@ -100,8 +100,25 @@ def validate(cfg: TrainConfig, *, world_size: int, local_world_size: int | None 
     """Cross-field checks before any work; each error names the key and the fix."""
     rep, shard = cfg.parallel.degrees(world_size, local_world_size or world_size)
     dp = rep * shard
-    if cfg.train.grad_accum < 1:
-        raise ValueError(f"train.grad_accum={cfg.train.grad_accum} must be >= 1")
+    t = cfg.train
+    if t.grad_accum < 1:
+        raise ValueError(f"train.grad_accum={t.grad_accum} must be >= 1 (micro-batches per optimizer step)")
+    if t.steps is not None and t.steps < 1:
+        raise ValueError(f"train.steps={t.steps} must be >= 1 (or null for the curriculum's total)")
+    if t.stop_at is not None and t.stop_at < 1:
+        raise ValueError(f"train.stop_at={t.stop_at} must be a step >= 1 to stop after (or null to run to the end)")
+    if t.max_bad_steps < 1:
+        raise ValueError(f"train.max_bad_steps={t.max_bad_steps} must be >= 1 (non-finite steps in a row before "
+                         "the run stops)")
+    if not cfg.curriculum.stages:
+        raise ValueError("curriculum.stages is empty: give at least one stage")
+    target = cfg.data.get("_target_", "") if isinstance(cfg.data, dict) else getattr(cfg.data, "_target_", "")
+    if target == SyntheticDataConfig._target_ and isinstance(cfg.data, dict):
+        keys = {k: v for k, v in cfg.data.items() if k != "_target_"}
+        unknown = sorted(set(keys) - {f.name for f in fields(SyntheticDataConfig)})
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} under 'data' for the synthetic source; check the spelling")
+        SyntheticDataConfig(**keys)  # its __post_init__ checks the data.* sizes
     dit = cfg.model.dit_config()
     any_repa = False
     planned = uses_shards(cfg)
@@ -125,7 +142,5 @@ def validate(cfg: TrainConfig, *, world_size: int, local_world_size: int | None 
     if (cfg.eval.every or cfg.eval.at_end) and cfg.eval.prompts and cfg.encoders.root is None:
         raise ValueError("eval needs the VAE and text encoder from encoders.root; set encoders.root, or disable "
                          "validation with eval.every=0 eval.at_end=false")
-    if cfg.train.steps is not None and cfg.train.steps < 1:
-        raise ValueError(f"train.steps={cfg.train.steps} must be >= 1 (or null for the curriculum's total)")
     if cfg.profile.steps and (len(cfg.profile.steps) != 2 or not 1 <= cfg.profile.steps[0] <= cfg.profile.steps[1]):
         raise ValueError(f"profile.steps={cfg.profile.steps}: give [first, last] with 1 <= first <= last")

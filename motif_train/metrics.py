@@ -3,16 +3,25 @@
 Every rank builds a `MetricsLogger`; only rank 0 prints, writes files or talks to W&B. The
 trainer calls `log_step` once per optimizer step with GLOBAL counts (samples, tokens, FLOPs).
 
-`run_dir/metrics.jsonl` (rank 0, appended, one JSON object per `log_step` call) holds the
-step's raw values, exactly as passed (floats are written by `json.dumps`, i.e. repr-exact):
+`metrics.jsonl` (rank 0, one JSON object per `log_step` call) holds the step's raw values,
+exactly as passed (floats are written by `json.dumps`, i.e. repr-exact):
 
     {"step": int, "stage": int, "loss/<term>": float, ..., "grad_norm": float, "lr": float,
      "samples": int, "tokens": int, "flops": float, "step_time": float, "data_wait": float,
      "<extra key>": float, ...}
 
 Non-finite floats are written with `allow_nan=True` (`NaN`, `Infinity`): not strict JSON, but
-`json.loads` reads them back, which is all the plot and the tests use. A resumed run appends;
-readers keep the last line of a repeated step. Events (`log_event`) go to `run_dir/events.jsonl`.
+`json.loads` reads them back, which is all the plot and the tests use. Events (`log_event`) go
+to `events.jsonl` the same way.
+
+Where the lines go: the run dir may be a bucket mount (SkyPilot) where closing a changed file
+re-uploads all of it and appends may be refused, so nothing appends there. Lines go to a LOCAL
+copy (`logger.local_dir`, default `<tempdir>/motif_metrics/<name>-<hash of the run dir>`), and
+`sync()` publishes each whole file to the run dir atomically (temp + rename): the trainer calls it
+at every checkpoint and at exit (also after an error). A resumed run starts its local copy from
+the run dir's, so earlier lines are kept; a repeated step appears twice and readers keep the last
+line. A failing write (local or sync) never stops training: it warns once, keeps the lines in
+memory if the local copy is unusable, and the next sync tries again.
 
 MFU = window FLOPs/s / (peak_tflops * 1e12 * world_size), against the spec dense bf16 peak.
 This module must never import the trainer.
@@ -20,6 +29,7 @@ This module must never import the trainer.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -27,6 +37,7 @@ import resource
 import secrets
 import string
 import sys
+import tempfile
 import time
 import warnings
 from collections import defaultdict
@@ -37,6 +48,8 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
+
+from motif_train.utils import JsonlFile
 
 # Spec dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, keyed by a substring of
 # `torch.cuda.get_device_name()`. Matching is case-insensitive, longest key first, so
@@ -82,6 +95,9 @@ class LoggerConfig:
     group: str | None = None
     tags: list[str] = field(default_factory=list)
     peak_tflops: float | None = None  # overrides DEVICE_PEAK_TFLOPS
+    # rank 0's local copy of metrics.jsonl / events.jsonl, synced whole to the run dir at checkpoints and
+    # exit; None: <tempdir>/motif_metrics/<name>-<hash of the run dir> (set a path unique to the run)
+    local_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in WANDB_MODES:
@@ -105,6 +121,13 @@ def _peak_memory_gib(device: torch.device) -> tuple[float, str]:
         return torch.cuda.max_memory_allocated(device) / 2**30, "cuda"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return rss / (2**30 if sys.platform == "darwin" else 2**20), "rss"
+
+
+def default_local_dir(run_dir: str | Path) -> Path:
+    """`<tempdir>/motif_metrics/<run dir name>-<hash of its absolute path>`: one per run dir."""
+    run_dir = Path(run_dir).absolute()
+    digest = hashlib.sha1(str(run_dir).encode()).hexdigest()[:10]
+    return Path(tempfile.gettempdir()) / "motif_metrics" / f"{run_dir.name}-{digest}"
 
 
 def _fmt_count(x: float) -> str:
@@ -133,11 +156,37 @@ class MetricsLogger:
         self._window: list[dict[str, Any]] = []
         self._last_step: int | None = None
         self._closed = False
+        self._warned: set[str] = set()
         if not self.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.local_dir = Path(cfg.local_dir) if cfg.local_dir else default_local_dir(self.run_dir)
+        self._files = {name: JsonlFile(self.run_dir / name, self.local_dir / name, self._warn_once)
+                       for name in ("metrics.jsonl", "events.jsonl")}
         if cfg.wandb and cfg.resolved_mode() != "disabled":
             self._init_wandb(config)
+
+    def _warn_once(self, kind: str, msg: str) -> None:
+        """Metrics I/O problems are reported once per kind and never raised (training goes on)."""
+        if kind in self._warned:
+            return
+        self._warned.add(kind)
+        warnings.warn(f"metrics: {msg}", RuntimeWarning, stacklevel=3)
+        self.console.print(f"metrics: {msg}", markup=False)
+
+    def _write(self, name: str, rec: dict) -> None:
+        try:
+            line = json.dumps(rec, allow_nan=True, default=str) + "\n"
+        except (TypeError, ValueError) as e:
+            self._warn_once("encode", f"a {name} record could not be encoded ({type(e).__name__}: {e})")
+            return
+        self._files[name].write(line)
+
+    def sync(self) -> bool:
+        """Publish metrics.jsonl / events.jsonl whole to the run dir (rank 0; others: no-op)."""
+        if not self.is_main:
+            return True
+        return all([f.sync() for f in self._files.values()])
 
     # ---------------------------------------------------------------- W&B
     def _init_wandb(self, config: dict | None) -> None:
@@ -188,8 +237,7 @@ class MetricsLogger:
                    flops=float(flops), step_time=float(step_time), data_wait=float(data_wait))
         for k, v in (extra or {}).items():
             rec[k] = float(v)
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(rec, allow_nan=True) + "\n")
+        self._write("metrics.jsonl", rec)
         self._window.append(rec)
         self._last_step = int(step)
         if step % self.cfg.log_every == 0:
@@ -255,10 +303,11 @@ class MetricsLogger:
         """Highlighted console line + `event/<k>` (or `<k>` when it has a '/') to W&B + events.jsonl."""
         if not self.is_main:
             return
-        vals = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
-        self.console.print(f"[bold yellow]>> step {step} | {message}[/]" + (f" [dim]{vals}[/]" if vals else ""))
-        with self.events_path.open("a") as f:
-            f.write(json.dumps({"step": int(step), "event": message, **values}, allow_nan=True, default=str) + "\n")
+        shown = {k: v for k, v in values.items() if k != "traceback"}  # the traceback is already on stderr
+        vals = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
+        self.console.print(f">> step {step} | {message}" + (f" {vals}" if vals else ""), style="bold yellow",
+                           markup=False)
+        self._write("events.jsonl", {"step": int(step), "event": message, **values})
         data = {(k if "/" in k else f"event/{k}"): v for k, v in values.items() if isinstance(v, int | float)}
         if data:
             self._wandb_log(data, step)
@@ -278,20 +327,28 @@ class MetricsLogger:
         self._wandb_log({key: wandb.Video(str(path), fps=int(round(fps)), format="mp4")}, step)
 
     # ---------------------------------------------------------------- close
-    def close(self) -> Path | None:
-        """Flush the open window, plot `loss.png` from metrics.jsonl, finish W&B; returns the PNG path."""
+    def close(self, *, failed: bool = False) -> Path | None:
+        """Flush the open window, sync the files to the run dir, plot `loss.png` (not after a
+        failure: exit promptly), finish W&B; returns the PNG path."""
         if not self.is_main or self._closed:
             return None
         self._closed = True
-        self.flush()
-        png = None
         try:
-            png = plot_losses(self.metrics_path, self.run_dir / "loss.png")
-        except Exception as e:  # noqa: BLE001 - a plot must not fail the run's end
-            self.console.print(f"loss plot failed: {type(e).__name__}: {e}", markup=False)
+            self.flush()
+        except Exception as e:  # noqa: BLE001 - the files below matter more than the last console line
+            self.console.print(f"last metrics window failed: {type(e).__name__}: {e}", markup=False)
+        self.sync()
+        png = None
+        if not failed:
+            try:
+                png = plot_losses(self._files["metrics.jsonl"].path_for_reading(), self.run_dir / "loss.png")
+            except Exception as e:  # noqa: BLE001 - a plot must not fail the run's end
+                self.console.print(f"loss plot failed: {type(e).__name__}: {e}", markup=False)
+        for f in self._files.values():
+            f.close()
         if self.wandb_run is not None:
             try:
-                self.wandb_run.finish()
+                self.wandb_run.finish(exit_code=1 if failed else 0)
             except Exception as e:  # noqa: BLE001
                 self.console.print(f"wandb.finish failed: {type(e).__name__}: {e}", markup=False)
             self.wandb_run = None

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
+import traceback
 
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -59,9 +61,31 @@ def main(cfg: DictConfig) -> None:
     trainer = Trainer(to_train_config(cfg))
     try:
         trainer.train()
-    finally:
-        trainer.close()
+    except BaseException as e:  # noqa: BLE001 - every failure takes the same prompt exit
+        fail(trainer, e)
+    trainer.close()
     destroy_distributed()
+
+
+def fail(trainer, error: BaseException) -> None:
+    """A rank failed: print the error, close without collectives, exit non-zero NOW.
+
+    A normal interpreter exit could hang: it joins the async-save thread (blocked in a collective
+    with ranks that are still stepping) and tears process groups down collectively. `os._exit`
+    ends this rank at once; torchrun sees the non-zero exit and stops the other ranks, whose own
+    collectives fail against the dead peer (gloo) or are stopped by torchrun (NCCL)."""
+    rank = os.environ.get("RANK", "0")
+    code = error.code if isinstance(error, SystemExit) and isinstance(error.code, int) and error.code else 1
+    sys.stderr.write(f"[rank {rank}] training failed at step {trainer.step}:\n"
+                     + "".join(traceback.format_exception(error)))
+    sys.stderr.flush()
+    try:
+        trainer.close(error=error)
+    except BaseException as e:  # noqa: BLE001 - the original error is what matters
+        sys.stderr.write(f"[rank {rank}] closing after the error failed too: {type(e).__name__}: {e}\n")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -20,7 +21,9 @@ from motif_train.checkpoint import CheckpointManager, ModelState, OptimizerState
 from motif_train.config import TrainConfig, validate
 from motif_train.data.curriculum import Curriculum
 from motif_train.distributed import build_mesh, init_distributed, parallelize_model
+from motif_train.distributed.mesh import gather_lists
 from motif_train.ema import EMA, clean_name
+from motif_train.guard import DivergedError, resume_hint, weight_stats, weights_problem
 from motif_train.metrics import MetricsLogger, Profiler
 from motif_train.models import MotifDiT, RoutingConfig
 from motif_train.models.convert import check_tied_copies, drop_tied_duplicates, load_diffusers_folder
@@ -63,8 +66,11 @@ class Trainer:
             ObjectiveConfig(flow=obj.flow, conditioning=obj.conditioning, repa=obj.repa, seed=cfg.train.seed),
             empty_text=self.empty_text, teacher=self.teacher)
         self.checkpointer = CheckpointManager(cfg.checkpoint, self.run_dir, rank=self.dist.rank,
-                                              world_size=self.dist.world_size, device=self.device)
+                                              world_size=self.dist.world_size, device=self.device,
+                                              timeout=cfg.parallel.timeout)
         self.step = self.samples = self.tokens = self.skipped_steps = self.bad_in_a_row = 0
+        self.skipped_samples = 0  # corrupt samples skipped by the data, summed over ranks
+        self._save_due = False  # a periodic save deferred by a skip streak, taken at the next good step
         self.stage_idx = -1
         self._stop_signal = 0
         self._val = None
@@ -76,6 +82,9 @@ class Trainer:
         self.profiler = Profiler(cfg.profile.steps, self.run_dir, self.device, start_step=self.step)
         self.metrics.log_event(self.step, "start", world_size=self.dist.world_size, total_steps=self.total_steps,
                                resumed_from=str(resumed) if resumed else "none", **self.parallel_info)
+        notes = list(getattr(self.data, "startup_notes", []))
+        if notes:
+            self.metrics.log_event(self.step, "data: " + "; ".join(notes), notes=notes)
 
     # ---- construction --------------------------------------------------------------------
     def build_teacher(self):
@@ -145,15 +154,33 @@ class Trainer:
     def state_dict(self) -> dict:
         """JSON-able train state (the tensors go through DCP, see `checkpoint_states`)."""
         return {"step": self.step, "samples": self.samples, "tokens": self.tokens, "stage": self.stage_idx,
-                "skipped_steps": self.skipped_steps, "data": self.data.state_dict(),
+                "skipped_steps": self.skipped_steps, "bad_in_a_row": self.bad_in_a_row,
+                "skipped_samples": self.skipped_samples, "data": self.data.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "seed": self.cfg.train.seed,
                 "world_size": self.dist.world_size}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.samples, self.tokens = state["step"], state["samples"], state["tokens"]
         self.skipped_steps = state.get("skipped_steps", 0)
+        # Always 0 in checkpoints this trainer writes (no save inside a streak); restored for exactness.
+        self.bad_in_a_row = state.get("bad_in_a_row", 0)
+        self.skipped_samples = state.get("skipped_samples", 0)
         self.data.load_state_dict(state["data"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.rebase_lr()
+
+    def rebase_lr(self) -> None:
+        """The next step's LR from the CURRENT config: the checkpoint's optimizer / scheduler state
+        carry the LR computed (from the old config) at the end of the saved step, and the base LR.
+        Only the step count is kept, so a relaunch with a lower `optim.lr` / stage `lr` after a
+        divergence takes effect from the first resumed step; with the same config this is the very
+        value LambdaLR computes (`base_lr * lambda(last_epoch)`), so exact resume is unchanged."""
+        sched, base = self.scheduler, self.cfg.optim.lr
+        sched.base_lrs = [base] * len(sched.base_lrs)
+        for group, lam in zip(self.optimizer.param_groups, sched.lr_lambdas, strict=True):
+            group["initial_lr"] = base
+            group["lr"] = base * lam(sched.last_epoch)
+        sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def checkpoint_states(self) -> dict:
         states = {"model": ModelState(self.model), "optim": OptimizerState(self.model, self.optimizer)}
@@ -169,9 +196,41 @@ class Trainer:
         self.load_state_dict(extra)
         return path
 
-    def save(self, *, force_sync: bool = False) -> None:
+    def save(self, *, force_sync: bool = False, final: bool = False) -> bool:
+        """Checkpoint now unless the run is in a skip streak (then deferred: False); raises
+        `DivergedError` when the weights are non-finite or exploded. Every rank decides alike.
+        `final`: the run ends here (signal, end of run), so there is no next step to defer to."""
+        if self.bad_in_a_row > 0:
+            self._save_due = not final
+            then = ("the newest complete checkpoint stays the last good one" if final
+                    else "saving at the next good step")
+            self.metrics.log_event(self.step, f"checkpoint not written: inside a skip streak ({self.bad_in_a_row} "
+                                   f"non-finite step(s) in a row); {then}", bad_in_a_row=self.bad_in_a_row)
+            return False
+        self.check_weights()
         blocked = self.checkpointer.save(self.step, self.checkpoint_states(), self.state_dict(), force_sync=force_sync)
+        self._save_due = False
         self.metrics.log_event(self.step, "checkpoint", **{"checkpoint/blocking_s": blocked})
+        self.metrics.sync()  # the run dir's metrics / events files are rewritten here and at exit only
+        return True
+
+    def check_weights(self) -> None:
+        """One all-reduce of the local shards' max |w| (model + EMA) before a save."""
+        tensors = list(self.model.parameters())
+        if self.ema is not None:
+            tensors += list(self.ema.shadow.values())
+        biggest, finite = weight_stats(tensors, self.device)
+        problem = weights_problem(biggest, finite, self.cfg.checkpoint.max_abs_weight)
+        if problem is not None:
+            self.diverged(f"step {self.step}: not saving a checkpoint: {problem}")
+
+    def diverged(self, what: str) -> None:
+        """Stop a diverged run (on every rank alike), naming the last good checkpoint."""
+        self.checkpointer.wait()  # a pending save was taken at a good step: mark it, it is the one to go back to
+        stage = self.curriculum.stages[max(self.stage_idx, 0)]
+        lr_key, lr = ((f"curriculum.stages[{self.stage_idx}].lr", stage.lr) if stage.lr is not None
+                      else ("optim.lr", self.cfg.optim.lr))
+        raise DivergedError(f"{what}. {resume_hint(self.checkpointer.latest(), lr_key=lr_key, lr=lr)}")
 
     # ---- validation ----------------------------------------------------------------------
     def validate(self) -> list:
@@ -237,7 +296,7 @@ class Trainer:
 
     def forward_backward(self, batch, step: int, micro: int, weight: float) -> dict[str, torch.Tensor]:
         """One micro-batch; `weight` = its share of this rank's samples (micro-batches may differ in
-        size), so the accumulated gradient is the mean over the rank's samples."""
+        size), so the accumulated gradient is the mean over the rank's samples; 0 for padding."""
         out = self.objective(self.model, batch.to(self.device), step=step, micro_step=micro,
                              generator=self.generator(step, micro), repa=self.repa_on)
         loss = total_loss(out.losses, self.objective.config.weights)
@@ -249,22 +308,33 @@ class Trainer:
         return {**terms, **{k: v.float() for k, v in out.metrics.items()}}
 
     def train_step(self, batches: list) -> dict:
-        """Accumulate over this rank's micro-batches, reduce, clip, guard, step. Returns logs."""
+        """Accumulate over this rank's micro-batches, reduce, clip, guard, step. Returns logs.
+
+        Every rank runs the same number of micro-batches (the loader pads with `padding=True`
+        batches), so the FSDP collectives line up; a padding batch runs forward + backward with
+        weight 0 and stays out of the loss terms and the sample / token counts."""
         n = len(batches)
-        total = sum(len(b) for b in batches)
+        total = sum(len(b) for b in batches if not getattr(b, "padding", False))
         sums: dict[str, torch.Tensor] = {}
         for micro, batch in enumerate(batches):
             self.model.set_requires_gradient_sync(micro == n - 1)  # reduce-scatter once per step
-            for k, v in self.forward_backward(batch, self.step, micro, len(batch) / total).items():
-                sums[k] = sums.get(k, 0) + v
+            pad = getattr(batch, "padding", False)
+            out = self.forward_backward(batch, self.step, micro, 0.0 if pad or not total else len(batch) / total)
+            for k, v in out.items():  # padding adds zeros: same keys on every rank for the all-reduce
+                sums[k] = sums.get(k, 0) + (torch.zeros_like(v) if pad else v)
         flops, tokens = self.step_flops(batches)
-        sums.update(_samples=total, _tokens=tokens, _flops=flops)
+        # Ride the step's one all-reduce: this rank's skipped samples and skip messages (summed).
+        sums.update(_samples=total, _tokens=tokens, _flops=flops,
+                    _skipped=getattr(self.data, "last_skipped_count", 0),
+                    _skip_msgs=len(getattr(self.data, "last_skipped", [])))
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip or float("inf"))
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         logs = self.reduce_logs(sums)
         ok = all(torch.isfinite(torch.tensor(v)) for k, v in logs.items() if not k.startswith(("sigma_q", "_"))) and \
             torch.isfinite(grad_norm).item()
+        # The LR schedule advances on skipped steps too: it is a function of the global step, like the
+        # data position and the curriculum's stage boundaries (docs/training.md).
         if ok:
             self.optimizer.step()
             self.bad_in_a_row = 0
@@ -273,10 +343,6 @@ class Trainer:
             self.bad_in_a_row += 1
             self.metrics.log_event(self.step, "non-finite loss or gradient: step skipped",
                                    grad_norm=grad_norm.item(), skipped=self.skipped_steps)
-            if self.bad_in_a_row >= self.cfg.train.max_bad_steps:
-                terms = {k: v for k, v in logs.items() if not k.startswith(("sigma_q", "_"))}
-                raise RuntimeError(f"{self.bad_in_a_row} non-finite steps in a row (train.max_bad_steps), last at "
-                                   f"step {self.step}: loss terms {terms}, grad norm {grad_norm.item()}")
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         if ok and self.ema is not None:
@@ -285,7 +351,7 @@ class Trainer:
 
     def reduce_logs(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
         """Mean loss terms over ranks (already sample-weighted within a rank); σ-bucket means from
-        exact sums / counts; `_samples`, `_tokens`, `_flops` summed over ranks."""
+        exact sums / counts; `_`-prefixed counts (samples, tokens, FLOPs, skips) summed over ranks."""
         keys = sorted(sums)
         vec = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=self.device) for k in keys])
         dist.all_reduce(vec)
@@ -302,7 +368,8 @@ class Trainer:
         return out
 
     def step_flops(self, batches: list) -> tuple[float, int]:
-        """Analytic model FLOPs and video tokens of this rank's share of the step."""
+        """Analytic model FLOPs (padding batches included: the model ran them) and video tokens
+        (real samples only) of this rank's share of the step."""
         flops, tokens = 0.0, 0
         cfg = self.model.config
         for b in batches:
@@ -311,8 +378,19 @@ class Trainer:
             fl = model_flops(cfg, lat, text_len=b.text.shape[1], image_len=img, routing=cfg.routing,
                              repa=self.repa_on)
             flops += fl.total * len(b)
-            tokens += num_video_tokens(cfg, lat) * len(b)
+            if not getattr(b, "padding", False):
+                tokens += num_video_tokens(cfg, lat) * len(b)
         return flops, tokens
+
+    def log_skipped_samples(self, n_messages: int) -> None:
+        """Every rank's skip messages for this step into events.jsonl (with their rank). Collective
+        only on steps where the step's all-reduce counted a message somewhere: a gather to rank 0."""
+        if n_messages <= 0:
+            return
+        per_rank = gather_lists(getattr(self.data, "last_skipped", []))
+        for rank, messages in enumerate(per_rank or []):
+            for msg in messages:
+                self.metrics.log_event(self.step, f"data (rank {rank}): {msg}", rank=rank)
 
     # ---- the loop ------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
@@ -321,8 +399,10 @@ class Trainer:
     def stop_requested(self) -> bool:
         flag = torch.tensor([self._stop_signal], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
-        self._stop_signal = int(flag.item())
-        return self._stop_signal != 0
+        agreed = int(flag.item())
+        if agreed:  # never clear the local flag: a signal that lands during the reduce counts next step
+            self._stop_signal = agreed
+        return agreed != 0
 
     def train(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -331,7 +411,8 @@ class Trainer:
             self._loop()
 
     def _loop(self) -> None:
-        last = min(self.total_steps, self.cfg.train.stop_at or self.total_steps)
+        stop_at = self.cfg.train.stop_at  # None: not set (validated >= 1 otherwise)
+        last = self.total_steps if stop_at is None else min(self.total_steps, stop_at)
         saved_at = self.step
         while self.step < last:
             self.step += 1
@@ -348,17 +429,19 @@ class Trainer:
             n_samples, tokens, flops = int(logs.pop("_samples")), int(logs.pop("_tokens")), logs.pop("_flops")
             self.samples += n_samples
             self.tokens += tokens
-            skipped = getattr(self.data, "last_skipped", [])
-            for msg in skipped:
-                self.metrics.log_event(self.step, f"corrupt sample skipped: {msg}")
+            self.skipped_samples += int(logs.pop("_skipped"))
+            self.log_skipped_samples(int(logs.pop("_skip_msgs")))
             losses = {k: v for k, v in logs.items() if not k.startswith("sigma_q")}
             extra = {k: v for k, v in logs.items() if k.startswith("sigma_q") and not k.endswith(("_sum", "_count"))}
             extra.update({"train/skipped_steps": float(self.skipped_steps),
-                          "data/skipped_samples": float(getattr(self.data, "skipped_total", 0))})
+                          "data/skipped_samples": float(self.skipped_samples)})
             window = self.metrics.log_step(self.step, losses=losses, grad_norm=result["grad_norm"], lr=lr,
                                            samples=n_samples, tokens=tokens, step_time=step_time, data_wait=data_wait,
                                            flops=flops, stage=self.stage_idx, extra=extra)
             self.last_window = window or self.last_window
+            if self.bad_in_a_row >= self.cfg.train.max_bad_steps:  # after logging: the last bad step is recorded
+                self.diverged(f"{self.bad_in_a_row} non-finite steps in a row (train.max_bad_steps), last at step "
+                              f"{self.step}: loss terms {losses}, grad norm {result['grad_norm']}")
             self.profiler.step(self.step)
             if self.should_validate(self.step, self.step == last):
                 self.validate()
@@ -366,17 +449,26 @@ class Trainer:
             if self.stop_requested():
                 self.metrics.log_event(self.step, f"signal {signal.Signals(self._stop_signal).name}: saving and "
                                        "exiting")
-                self.save(force_sync=True)
-                saved_at = self.step
+                self.save(force_sync=True, final=True)  # in a skip streak: not saved, the last good one stays
+                saved_at = self.step  # saved, or deliberately not: no second attempt at the end
                 break
-            if self.checkpointer.should_save(self.step):
-                self.save()
+            if (self.checkpointer.should_save(self.step) or self._save_due) and self.save():
                 saved_at = self.step
         if saved_at != self.step and self.cfg.checkpoint.save_at_end:
-            self.save(force_sync=True)
+            self.save(force_sync=True, final=True)
         self.checkpointer.wait()
 
-    def close(self) -> None:
+    def close(self, error: BaseException | None = None) -> None:
+        """End of run. With `error` (this rank failed) it enters no collective: a peer may be dead or
+        stuck in another collective, so waiting on the pending save's barrier could hang until the
+        timeout. The pending save is abandoned (left without COMPLETE), the error is logged and the
+        local metrics are synced to the run dir; the caller then exits non-zero."""
+        if error is not None:
+            self.checkpointer.abandon()
+            self.metrics.log_event(self.step, f"error: {type(error).__name__}: {error}",
+                                   traceback="".join(traceback.format_exception(error))[-4000:])
+            self.metrics.close(failed=True)
+            return None
         self.checkpointer.wait()
         png = self.metrics.close()
         if self.dist.is_main:

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from motif_train.metrics import default_local_dir
+
 
 def prepare_data(root: Path, n_clips: int, env: dict) -> list[str]:
     from motif_train.data.clips import default_specs, write_clip_folder
@@ -64,8 +66,10 @@ def main(argv: list[str] | None = None) -> None:
            "motif_train.train", "experiment=tiny_cpu", f"run_dir={run}", *data_args, *args.overrides]
     print("$ " + " ".join(cmd[2:]), flush=True)
 
+    # The live copy: the run dir's metrics.jsonl is only published at checkpoints and at exit.
+    metrics = default_local_dir(run) / "metrics.jsonl"
+    metrics.unlink(missing_ok=True)  # a previous demo's copy (the run dir itself was removed above)
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-    metrics = run / "metrics.jsonl"
     while proc.poll() is None:
         steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()] if metrics.exists() else []
         if steps and max(steps) >= args.kill_after:

@@ -36,23 +36,48 @@ class CurriculumConfig:
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def validate_stage(i: int, s: StageConfig, *, dp_size: int, grad_accum: int, planned: bool = False) -> None:
-    """`planned`: the data source batches by token budget (shards + plan) instead of global_batch."""
+    """`planned`: the data source batches by token budget (shards + plan) instead of global_batch.
+
+    Every size is checked before any work: a zero or negative one would otherwise pass the
+    divisibility rules (0 % n == 0) and crash at the stage's first step."""
     key = f"curriculum.stages[{i}]"
-    if s.steps < 1:
-        raise ValueError(f"{key}.steps={s.steps} must be >= 1")
+    if not _is_int(s.steps) or s.steps < 1:
+        raise ValueError(f"{key}.steps={s.steps!r} must be an int >= 1 (optimizer steps in this stage)")
     if not s.buckets:
         raise ValueError(f"{key}.buckets is empty: give at least one [frames, height, width]")
     for b in s.buckets:
         if len(b) != 3:
             raise ValueError(f"{key}.buckets: {b} must be [frames, height, width]")
         f, h, w = b
+        if not all(_is_int(x) for x in b):
+            raise ValueError(f"{key}.buckets: {b} must be three ints [frames, height, width]")
         if f < 1 or (f - 1) % 4:
             raise ValueError(f"{key}.buckets: frames={f} must be 1+4k (1, 5, 9, ..., 121) for the Wan VAE")
+        if h < 16 or w < 16:
+            raise ValueError(f"{key}.buckets: {h}x{w}: height and width must be >= 16 pixels (and divisible by 16)")
         if h % 16 or w % 16:
             raise ValueError(f"{key}.buckets: {h}x{w} must be divisible by 16 (VAE x8, patch x2)")
+    if not _is_int(s.global_batch) or s.global_batch < 1:
+        raise ValueError(f"{key}.global_batch={s.global_batch!r} must be an int >= 1 (samples per optimizer step "
+                         f"over all ranks), e.g. a multiple of data-parallel size {dp_size} x train.grad_accum "
+                         f"{grad_accum}")
+    if s.token_budget is not None and (not _is_int(s.token_budget) or s.token_budget < 1):
+        raise ValueError(f"{key}.token_budget={s.token_budget!r} must be an int >= 1 (video tokens per rank per "
+                         "step) or null")
+    if s.lr is not None and not (0 < s.lr < float("inf")):
+        raise ValueError(f"{key}.lr={s.lr!r} must be a finite number > 0, or null for optim.lr")
+    if s.shift is not None and not (0 < s.shift < float("inf")):
+        raise ValueError(f"{key}.shift={s.shift!r} must be a finite number > 0, or null for objective.flow.shift")
+    if s.i2v_prob is not None and not 0 <= s.i2v_prob <= 1:
+        raise ValueError(f"{key}.i2v_prob={s.i2v_prob!r} must be in [0, 1], or null for "
+                         "objective.conditioning.i2v_prob")
     if planned:
-        if s.token_budget is None or s.token_budget < 1:
+        if s.token_budget is None:
             raise ValueError(f"{key}.token_budget is required with shard data: video tokens per rank per step "
                              "(each bucket's batch = token_budget // its tokens)")
         return

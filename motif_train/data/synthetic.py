@@ -26,6 +26,17 @@ class SyntheticDataConfig:
     image_tokens: int = 16  # SigLIP tokens per first frame
     teacher_size: int = 32  # square side of the REPA teacher input
 
+    def __post_init__(self) -> None:
+        lo_hi = list(self.text_len)
+        if len(lo_hi) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in lo_hi) or \
+                not 1 <= lo_hi[0] <= lo_hi[1]:
+            raise ValueError(f"data.text_len={self.text_len!r} must be [min, max] true text tokens with "
+                             "1 <= min <= max")
+        for name in ("image_tokens", "teacher_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"data.{name}={v!r} must be an int >= 1")
+
 
 class SyntheticSource:
     """`next_step(step) -> list[Batch]`: this rank's `grad_accum` micro-batches for one step."""
@@ -42,6 +53,10 @@ class SyntheticSource:
 
     # ---- interface shared with the real loader -------------------------------------------
     def set_stage(self, stage: StageConfig, *, teacher: bool) -> None:
+        per_step = self.dp_size * self.grad_accum
+        if stage.global_batch < 1 or stage.global_batch % per_step:  # `validate` catches it first in a run
+            raise ValueError(f"curriculum stage {stage.name!r}: global_batch={stage.global_batch} must be a positive "
+                             f"multiple of data-parallel size {self.dp_size} x train.grad_accum {self.grad_accum}")
         self.stage, self.want_teacher = stage, teacher
 
     def bucket_for(self, step: int) -> list[int]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 
 
 @dataclass
@@ -42,6 +42,14 @@ class ParallelConfig:
                 raise ValueError(f"parallel.{key}={getattr(self, key)!r}: use auto, float32, bfloat16 or float16")
         if self.dp_replicate == 0 or self.dp_shard == 0 or self.dp_replicate < -1 or self.dp_shard < -1:
             raise ValueError("parallel.dp_replicate / parallel.dp_shard must be positive or -1 (derive)")
+        if isinstance(self.timeout_min, bool) or not isinstance(self.timeout_min, int) or self.timeout_min < 1:
+            raise ValueError(f"parallel.timeout_min={self.timeout_min!r} must be an int >= 1 (minutes a collective "
+                             "may wait before the rank aborts)")
+
+    @property
+    def timeout(self) -> datetime.timedelta:
+        """The collective timeout every process group of the run gets."""
+        return datetime.timedelta(minutes=self.timeout_min)
 
     def degrees(self, world: int, local_world: int) -> tuple[int, int]:
         """(replicate, shard) for this world; raises naming the keys when they do not multiply out."""
@@ -101,11 +109,40 @@ def init_distributed(backend: str = "auto", timeout_min: int = 30, device: str =
 
 
 def build_mesh(cfg: ParallelConfig, info: DistInfo) -> DeviceMesh:
-    """1-D ("dp_shard",) mesh, or 2-D ("dp_replicate", "dp_shard") for HSDP."""
+    """1-D ("dp_shard",) mesh, or 2-D ("dp_replicate", "dp_shard") for HSDP.
+
+    `init_device_mesh` would create sub-groups (2-D, or gloo on a CUDA host) with the backend's
+    default timeout (10 min NCCL, 30 min gloo) instead of `parallel.timeout_min`, so the groups are
+    built here with the configured one (1-D: the default group itself) and wrapped with `from_group`.
+    """
     rep, shard = cfg.degrees(info.world_size, info.local_world_size)
     if rep == 1:
-        return init_device_mesh(info.device.type, (shard,), mesh_dim_names=("dp_shard",))
-    return init_device_mesh(info.device.type, (rep, shard), mesh_dim_names=("dp_replicate", "dp_shard"))
+        return DeviceMesh.from_group(dist.group.WORLD, info.device.type, mesh_dim_names=("dp_shard",))
+    grid = torch.arange(info.world_size).view(rep, shard)
+    replicate, _ = dist.new_subgroups_by_enumeration([grid[:, j].tolist() for j in range(shard)], timeout=cfg.timeout)
+    sharded, _ = dist.new_subgroups_by_enumeration([grid[i].tolist() for i in range(rep)], timeout=cfg.timeout)
+    return DeviceMesh.from_group([replicate, sharded], info.device.type, mesh=grid,
+                                 mesh_dim_names=("dp_replicate", "dp_shard"))
+
+
+def group_timeout(group) -> datetime.timedelta | None:
+    """The timeout a process group's backend was created with (None when it does not say)."""
+    for dev in (torch.device("cuda"), torch.device("cpu")):
+        try:
+            return group._get_backend(dev).options._timeout
+        except (RuntimeError, AttributeError):
+            continue
+    return None
+
+
+def gather_lists(items: list, dst: int = 0) -> list[list] | None:
+    """Every rank's `items` on rank `dst` (a list per rank, in rank order), None elsewhere.
+
+    A gather, not an all-gather: only `dst` needs them. Collective: call it on every rank, and only
+    on steps where some rank has something to send (decide that from an existing all-reduce)."""
+    out = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(list(items), out, dst=dst)
+    return out
 
 
 def destroy_distributed() -> None:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from motif_train.metrics import read_metrics
+from motif_train.metrics import default_local_dir, read_metrics
+
+REPO = Path(__file__).resolve().parents[2]
 
 # 12 steps: stage 0 = steps 1-6 (REPA, dual->single route), stage 1 = steps 7-12 (decoder route).
 FAST = ["experiment=tiny_cpu", "data=synthetic", "logger.wandb=false", "curriculum.stages.0.steps=6",
@@ -19,6 +23,8 @@ FAST = ["experiment=tiny_cpu", "data=synthetic", "logger.wandb=false", "curricul
 def env(**extra) -> dict:
     e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
          "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    # the repo on the path: test-only data sources (tests/faults/_sources.py) are selected by `data._target_`
+    e["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     e.update({k: str(v) for k, v in extra.items()})
     return e
 
@@ -29,17 +35,58 @@ def torchrun_cmd(run_dir: Path, nproc: int, *overrides: str) -> list[str]:
             "-m", "motif_train.train", *base, f"run_dir={run_dir}", *overrides]
 
 
-def train(run_dir: Path, nproc: int = 2, *overrides: str, check: bool = True,
+def launch(run_dir: Path, nproc: int = 2, *overrides: str, **env_extra) -> subprocess.Popen:
+    return subprocess.Popen(torchrun_cmd(run_dir, nproc, *overrides), env=env(**env_extra), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def kill_all(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Signal every worker (each in a session of its own, so not reached through torchrun) and torchrun."""
+    for pid in workers(proc):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, sig)
+
+
+def finish(proc: subprocess.Popen, args, timeout: float) -> subprocess.CompletedProcess:
+    """Wait for a launched run under a hard timeout; on expiry kill every rank (no orphans) and raise."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_all(proc)
+        out, err = proc.communicate()
+        raise AssertionError(f"run still going after {timeout}s (killed):\n{out[-3000:]}\n{err[-5000:]}") from None
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def train(run_dir: Path, nproc: int = 2, *overrides: str, check: bool = True, timeout: float = 600,
           **env_extra) -> subprocess.CompletedProcess:
-    p = subprocess.run(torchrun_cmd(run_dir, nproc, *overrides), env=env(**env_extra), capture_output=True,
-                       text=True, timeout=600)
+    p = finish(launch(run_dir, nproc, *overrides, **env_extra), overrides, timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"training failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
     return p
 
 
 def records(run_dir: Path) -> dict[int, dict]:
+    """The run dir's metrics.jsonl (as synced at checkpoints / exit), last line per step."""
     return {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl")}
+
+
+def local_metrics(run_dir: Path) -> Path:
+    """Rank 0's live local copy of metrics.jsonl (written every step; the run dir's lags until a sync)."""
+    return default_local_dir(run_dir) / "metrics.jsonl"
+
+
+def events(run_dir: Path) -> list[dict]:
+    path = run_dir / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def workers(proc) -> list[int]:
+    """torchrun's worker pids (children of the launcher; each in a session of its own)."""
+    out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out]
 
 
 def train_state(ckpt: Path) -> dict:

@@ -1,5 +1,5 @@
 """End-to-end trainer behaviour under torchrun with 2 gloo ranks: exact and elastic resume,
-interrupted saves, preemption signals, the NaN guard."""
+preemption signals, the NaN guard (a save killed mid-way: tests/faults/test_checkpoint_faults.py)."""
 
 import math
 import signal
@@ -9,7 +9,18 @@ import time
 import pytest
 import torch
 
-from ._runs import ckpt_dir, env, load_dcp, records, step_values, torchrun_cmd, train, train_state
+from ._runs import (
+    ckpt_dir,
+    env,
+    load_dcp,
+    local_metrics,
+    records,
+    step_values,
+    torchrun_cmd,
+    train,
+    train_state,
+    workers,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -55,17 +66,6 @@ def test_exact_resume_across_stage_change(reference, tmp_path):
     _assert_same_ema_and_model(ckpt_dir(reference, 12), ckpt_dir(run, 12), tmp_path)
 
 
-def test_save_killed_half_way_is_never_resumed(reference, tmp_path):
-    run = tmp_path / "run"
-    p = train(run, 2, check=False, MOTIF_TEST_CRASH_IN_SAVE=6)
-    assert p.returncode != 0
-    assert ckpt_dir(run, 6).exists() and not (ckpt_dir(run, 6) / "COMPLETE").exists()
-    p = train(run, 2)
-    assert "resumed_from=" + str(ckpt_dir(run, 3)) in p.stdout
-    _assert_same_steps(records(reference), records(run), range(4, 13))
-    assert not ckpt_dir(run, 6).exists() or (ckpt_dir(run, 6) / "COMPLETE").exists()
-
-
 def test_elastic_resume_two_ranks_to_one(reference, tmp_path):
     run = tmp_path / "run"
     train(run, 2, "train.stop_at=6")
@@ -87,17 +87,19 @@ def test_preemption_signal_saves_and_exits_zero(tmp_path, sig):
     proc = subprocess.Popen(torchrun_cmd(run, 2, "checkpoint.every=0", "curriculum.stages.1.steps=200"), env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while time.time() < deadline and not (run / "metrics.jsonl").exists():
-        time.sleep(0.5)
+    while time.time() < deadline and not (local_metrics(run).exists() and local_metrics(run).read_text()):
+        time.sleep(0.5)  # step 1 logged (to rank 0's local copy: the run dir's waits for a sync)
     time.sleep(1.0)
-    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-    assert len(workers) == 2
-    subprocess.run(["kill", f"-{sig.name[3:]}", workers[0]])  # one rank is told; all stop at the same step
+    pids = workers(proc)
+    assert len(pids) == 2
+    assert not (run / "metrics.jsonl").exists()  # checkpoint.every=0: nothing synced to the run dir yet
+    subprocess.run(["kill", f"-{sig.name[3:]}", str(pids[0])])  # one rank is told; all stop at the same step
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     last = max(records(run))
     assert last < 206 and (ckpt_dir(run, last) / "COMPLETE").exists()
     assert f"signal {sig.name}" in out
+    assert sorted(records(run)) == list(range(1, last + 1))  # synced whole at the signal's checkpoint
 
 
 def test_nan_guard_skips_then_stops(tmp_path):
@@ -106,8 +108,11 @@ def test_nan_guard_skips_then_stops(tmp_path):
     rec = records(run)
     assert math.isnan(rec[2]["loss/total"]) and rec[2]["train/skipped_steps"] == 1
     assert math.isfinite(rec[3]["loss/total"]) and rec[4]["train/skipped_steps"] == 1
+    assert (ckpt_dir(run, 3) / "COMPLETE").exists()  # step 3 was good again: the periodic save ran
     run = tmp_path / "stop"
     p = train(run, 2, "train.debug_nan_steps=[2,3,4]", "train.max_bad_steps=3", check=False)
     assert p.returncode != 0
     assert "3 non-finite steps in a row (train.max_bad_steps), last at step 4" in p.stderr
-    assert "denoise" in p.stderr
+    assert "denoise" in p.stderr and "No complete checkpoint exists yet" in p.stderr
+    assert not ckpt_dir(run, 3).exists()  # the save at step 3 fell inside the streak: deferred, never written
+    assert sorted(records(run)) == [1, 2, 3, 4]  # synced on the error path

@@ -1,7 +1,13 @@
-"""MetricsLogger (console, metrics.jsonl, offline W&B, loss plot), peak TFLOP/s table, Profiler."""
+"""MetricsLogger (console, metrics.jsonl / events.jsonl buffered locally and synced whole, offline
+W&B, loss plot), peak TFLOP/s table, Profiler."""
 
 import json
 import math
+import os
+import resource
+import signal
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +17,7 @@ from motif_train.metrics import (
     LoggerConfig,
     MetricsLogger,
     Profiler,
+    default_local_dir,
     match_device_name,
     peak_tflops,
     read_metrics,
@@ -45,7 +52,8 @@ def step_values(i: int) -> dict:
 
 def test_log_25_steps_offline(wandb_env, capsys):
     run_dir = wandb_env / "run"
-    cfg = LoggerConfig(log_every=10, mode="offline", peak_tflops=100.0, tags=["unit"])
+    cfg = LoggerConfig(log_every=10, mode="offline", peak_tflops=100.0, tags=["unit"],
+                       local_dir=str(wandb_env / "local"))
     logger = MetricsLogger(cfg, run_dir, rank=0, world_size=2, device=CPU, run_name="unit", config={"a": 1})
     assert logger.wandb_run is not None, "offline wandb.init failed"
     assert logger.wandb_dir is not None and logger.wandb_dir.parent == run_dir / "wandb"
@@ -57,6 +65,11 @@ def test_log_25_steps_offline(wandb_env, capsys):
         if out is not None:
             windows[i] = out
     assert sorted(windows) == [10, 20]
+
+    # nothing in the run dir until a sync (a checkpoint / exit); the local copy has every step
+    assert not (run_dir / "metrics.jsonl").exists()
+    assert len((wandb_env / "local" / "metrics.jsonl").read_text().splitlines()) == 25
+    assert logger.sync()
 
     # metrics.jsonl: one line per step with the exact raw values
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -97,6 +110,8 @@ def test_log_25_steps_offline(wandb_env, capsys):
     assert line in capsys.readouterr().out
 
     logger.log_event(25, "stage change", stage=2, **{"checkpoint/blocking_s": 0.5})
+    assert not (run_dir / "events.jsonl").exists()
+    logger.sync()
     events = [json.loads(s) for s in (run_dir / "events.jsonl").read_text().splitlines()]
     assert events == [{"step": 25, "event": "stage change", "stage": 2, "checkpoint/blocking_s": 0.5}]
     assert "stage change" in capsys.readouterr().out
@@ -233,3 +248,87 @@ def test_profiler_cpu_trace(tmp_path):
     for bad in ([3, 2], [0, 1], [1, 2, 3], [1]):
         with pytest.raises(ValueError, match="profile.steps"):
             Profiler(bad, tmp_path, CPU)
+
+
+def _quiet(tmp_path, name="run", **kw) -> MetricsLogger:
+    cfg = LoggerConfig(wandb=False, log_every=1000, local_dir=str(tmp_path / f"{name}_local"), **kw)
+    return MetricsLogger(cfg, tmp_path / name, rank=0, world_size=1, device=CPU, run_name=name)
+
+
+def test_resume_keeps_the_earlier_lines(tmp_path):
+    first = _quiet(tmp_path)
+    for i in range(1, 6):
+        first.log_step(i, **step_values(i))
+    first.log_event(5, "checkpoint")
+    first.sync()
+    for i in (6, 7):  # logged after the last sync, then the process dies: lost with the local copy
+        first.log_step(i, **step_values(i))
+    # the resumed leg (a fresh local dir, e.g. another node) starts from the run dir's copy
+    cfg = LoggerConfig(wandb=False, log_every=1000, local_dir=str(tmp_path / "other_node"))
+    again = MetricsLogger(cfg, tmp_path / "run", rank=0, world_size=1, device=CPU, run_name="run", resume_step=5)
+    for i in range(6, 9):
+        again.log_step(i, **step_values(i))
+    again.log_event(8, "end")
+    again.close()
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == list(range(1, 9))
+    events = [json.loads(line)["event"] for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    assert events == ["checkpoint", "end"]
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 0  # plotted from the local copy
+
+
+def test_default_local_dir_is_unique_per_run_dir(tmp_path):
+    a, b = default_local_dir(tmp_path / "x" / "run"), default_local_dir(tmp_path / "y" / "run")
+    assert a != b and a.name.startswith("run-") and a == default_local_dir(tmp_path / "x" / "run")
+    assert str(a).startswith(str(Path(tempfile.gettempdir()) / "motif_metrics"))
+
+
+def test_unusable_local_dir_warns_once_and_keeps_every_line(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.warns(RuntimeWarning, match="unusable") as caught:
+        cfg = LoggerConfig(wandb=False, log_every=2, local_dir=str(blocker))
+        logger = MetricsLogger(cfg, tmp_path / "run", rank=0, world_size=1, device=CPU, run_name="r")
+        for i in range(1, 5):
+            logger.log_step(i, **step_values(i))
+        logger.log_event(4, "still training")
+        assert logger.sync()
+    assert len([w for w in caught if "unusable" in str(w.message)]) == 1  # once, not per file or line
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3, 4]
+    logger.close()
+
+
+def test_sync_failure_warns_once_and_recovers(tmp_path):
+    logger = _quiet(tmp_path)
+    (tmp_path / "run" / "metrics.jsonl").mkdir()  # the run dir refuses the file: a real rename failure
+    with pytest.warns(RuntimeWarning, match="syncing") as caught:
+        for i in range(1, 4):
+            logger.log_step(i, **step_values(i))
+            assert logger.sync() is False  # never raises
+    assert len(caught) == 1
+    (tmp_path / "run" / "metrics.jsonl").rmdir()
+    assert logger.sync()
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_local_write_failure_mid_run_keeps_every_line(tmp_path):
+    """A real write error on the open local copy (RLIMIT_FSIZE: EFBIG), not a mock."""
+    logger = _quiet(tmp_path)
+    for i in range(1, 3):
+        logger.log_step(i, **step_values(i))
+    logger.sync()
+    size = (tmp_path / "run_local" / "metrics.jsonl").stat().st_size
+    old_limit, old_handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size + 100, old_limit[1]))
+        with pytest.warns(RuntimeWarning, match="writing .* failed"):
+            for i in range(3, 7):
+                logger.log_step(i, **step_values(i))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert logger.sync()  # rebuilt from the run dir's copy + the lines since the last sync
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == list(range(1, 7))
+    logger.close()
+    assert os.path.getsize(tmp_path / "run" / "metrics.jsonl") > size
