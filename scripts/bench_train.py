@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2, help="steps left out of the averages (compile, caches)")
-    ap.add_argument("--ac", default="full", choices=["none", "full", "every_k"])
+    ap.add_argument("--ac", default="full", choices=["none", "full", "every_k", "selective"])
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)

@@ -11,6 +11,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
+# parallel.ac values (distributed/parallelize.py: apply_ac).
+AC_MODES = ("none", "full", "every_k", "selective")
+
 
 @dataclass
 class ParallelConfig:
@@ -26,15 +29,16 @@ class ParallelConfig:
     param_dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU (no bf16 units)
     reduce_dtype: str = "float32"
     reshard_after_forward: bool = True
-    ac: str = "none"  # none | full | every_k
+    ac: str = "none"  # none | full | every_k | selective
     ac_every: int = 2
     compile: bool | None = None  # None: on for GPU, off for CPU
     backend: str = "auto"  # auto: nccl on GPU, gloo on CPU
     timeout_min: int = 30
 
     def __post_init__(self) -> None:
-        if self.ac not in ("none", "full", "every_k"):
-            raise ValueError(f"parallel.ac={self.ac!r}: use none, full or every_k")
+        if self.ac not in AC_MODES:
+            raise ValueError(f"parallel.ac={self.ac!r}: use one of {', '.join(AC_MODES)} (selective: save the "
+                             "attention outputs, recompute the rest of each block)")
         if self.ac_every < 1:
             raise ValueError(f"parallel.ac_every={self.ac_every} must be >= 1")
         for key in ("param_dtype", "reduce_dtype"):

@@ -42,7 +42,9 @@ def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     """Rotate interleaved pairs of `x` (B, S, H, Dh) by cos/sin tables (S, Dh) or (B, S, Dh).
 
     Same arithmetic as diffusers' `apply_rotary_emb(use_real=True, unbind_dim=-1)`, computed
-    in fp32 and cast back, so outputs match the inference model bit for bit.
+    in fp32 and cast back, so outputs match the inference model bit for bit. The tables are
+    fp32 (FSDP2 must not cast them: `cast_forward_inputs=False` in distributed/parallelize.py);
+    a bf16 table would put a 2^-9 relative error on every rotation angle's cos/sin.
     """
     cos, sin = rope
     cos = cos[None, :, None] if cos.dim() == 2 else cos[:, :, None]  # (B|1, S, 1, Dh)

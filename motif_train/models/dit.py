@@ -170,6 +170,17 @@ class MotifDiT(nn.Module):
                 _assign(p, full)
 
     # ---- forward -----------------------------------------------------------------------
+    def time_embedding(self, timestep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """timestep (B,) -> temb (B, D) in `dtype`.
+
+        The timestep and its 256 sinusoidal features stay fp32 (bf16 has 8 mantissa bits: 998.7
+        would become 1000.0); only the time MLP's input is cast, as in diffusers'
+        `MotifVideoConditionEmbedding`.
+        """
+        emb = self.time_text_embed
+        proj = emb.time_proj(timestep.float())  # (B, 256) fp32
+        return emb.timestep_embedder(proj.to(dtype))
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -193,13 +204,17 @@ class MotifDiT(nn.Module):
         c = self.config
         b, _, f, h, w = hidden_states.shape
         p, pt = c.patch_size, c.patch_size_t
-        rope = self.rope(hidden_states)  # 2 x (N, Dh)
-        temb = self.time_text_embed(timestep)  # (B, D)
-        x = self.x_embedder(hidden_states)  # (B, N, D)
-        ctx = self.context_embedder(encoder_hidden_states)  # (B, T, D)
+        # Compute dtype = the parameters' (under FSDP2 the unsharded param_dtype copies, which are the
+        # registered parameters during forward). Activations are cast here rather than by FSDP's
+        # `cast_forward_inputs`, which would also round the timestep and the RoPE tables to bf16.
+        dtype = self.x_embedder.proj.weight.dtype
+        rope = self.rope(hidden_states)  # 2 x (N, Dh), fp32 whatever the compute dtype
+        temb = self.time_embedding(timestep, dtype)  # (B, D)
+        x = self.x_embedder(hidden_states.to(dtype))  # (B, N, D)
+        ctx = self.context_embedder(encoder_hidden_states.to(dtype))  # (B, T, D)
         img_len = 0
         if image_embeds is not None:
-            img = self.image_embedder(image_embeds)  # (B, I, D)
+            img = self.image_embedder(image_embeds.to(dtype))  # (B, I, D)
             img_len = img.shape[1]
             ctx = torch.cat([img, ctx], dim=1)  # (B, I+T, D)
             if encoder_attention_mask is not None:

@@ -38,7 +38,7 @@ def test_experiments_validate(experiment, world, local):
     if experiment == "motif_video_2b_64xh200":
         assert cfg.parallel.degrees(world, local) == (8, 8)  # HSDP: shard in a node, replicate across nodes
         assert cfg.model.num_layers == 12 and cfg.model.repa.block == 8 and len(cfg.curriculum.stages) == 4
-        assert cfg.parallel.ac == "full" and cfg.parallel.compile and cfg.parallel.param_dtype == "bfloat16"
+        assert cfg.parallel.ac == "selective" and cfg.parallel.compile and cfg.parallel.param_dtype == "bfloat16"
 
 
 def test_resolved_config_round_trips():
