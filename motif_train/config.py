@@ -46,6 +46,9 @@ class TrainSection:
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     stop_at: int | None = None  # end the run after this step >= 1 (save included), like a clean preemption; None: off
     debug_nan_steps: list[int] = field(default_factory=list)  # inject a NaN loss at these steps (tests)
+    # Python GC: start-up objects frozen, automatic collection off, a collection every this many
+    # steps on every rank at once (a GC pause on one rank stalls the others' collectives); 0: automatic
+    gc_every: int = 50
 
 
 @dataclass
@@ -110,6 +113,9 @@ def validate(cfg: TrainConfig, *, world_size: int, local_world_size: int | None 
     if t.max_bad_steps < 1:
         raise ValueError(f"train.max_bad_steps={t.max_bad_steps} must be >= 1 (non-finite steps in a row before "
                          "the run stops)")
+    if t.gc_every < 0:
+        raise ValueError(f"train.gc_every={t.gc_every} must be >= 0 (steps between Python GC collections; "
+                         "0 leaves GC automatic)")
     if not cfg.curriculum.stages:
         raise ValueError("curriculum.stages is empty: give at least one stage")
     target = cfg.data.get("_target_", "") if isinstance(cfg.data, dict) else getattr(cfg.data, "_target_", "")

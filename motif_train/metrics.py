@@ -1,14 +1,20 @@
 """Training metrics: console line, W&B, `metrics.jsonl`, throughput, MFU, data-wait, profiling.
 
 Every rank builds a `MetricsLogger`; only rank 0 prints, writes files or talks to W&B. The
-trainer calls `log_step` once per optimizer step with GLOBAL counts (samples, tokens, FLOPs).
+trainer calls `log_step` once per optimizer step, in step order, with GLOBAL counts (samples,
+tokens, FLOPs); it reduces the steps' values only at log steps (and before a checkpoint, a stop
+or a divergence report), so it calls `log_step` for all the steps since the last one then.
 
 `metrics.jsonl` (rank 0, one JSON object per `log_step` call) holds the step's raw values,
 exactly as passed (floats are written by `json.dumps`, i.e. repr-exact):
 
     {"step": int, "stage": int, "loss/<term>": float, ..., "grad_norm": float, "lr": float,
-     "samples": int, "tokens": int, "flops": float, "step_time": float, "data_wait": float,
-     "<extra key>": float, ...}
+     "samples": int, "tokens": int, "flops": float, "teacher_flops": float, "step_time": float,
+     "data_wait": float, "<extra key>": float, ...}
+
+`flops` are the model's FLOPs (forward + backward) of what each micro-batch ran (its task's
+SigLIP tokens, route, REPA head); `teacher_flops` the frozen REPA teacher's forward, which is
+not model work and stays out of MFU.
 
 Non-finite floats are written with `allow_nan=True` (`NaN`, `Infinity`): not strict JSON, but
 `json.loads` reads them back, which is all the plot and the tests use. Events (`log_event`) go
@@ -23,7 +29,8 @@ the run dir's, so earlier lines are kept; a repeated step appears twice and read
 line. A failing write (local or sync) never stops training: it warns once, keeps the lines in
 memory if the local copy is unusable, and the next sync tries again.
 
-MFU = window FLOPs/s / (peak_tflops * 1e12 * world_size), against the spec dense bf16 peak.
+MFU = window model FLOPs/s / (peak_tflops * 1e12 * world_size), against the spec dense bf16 peak;
+`perf/teacher_flops_share` = teacher / (model + teacher) FLOPs of the window.
 This module must never import the trainer.
 """
 
@@ -227,14 +234,15 @@ class MetricsLogger:
     # ---------------------------------------------------------------- steps
     def log_step(self, step: int, *, losses: dict[str, float], grad_norm: float, lr: float, samples: int,
                  tokens: int, step_time: float, data_wait: float, flops: float, stage: int,
-                 extra: dict[str, float] | None = None) -> dict | None:
+                 extra: dict[str, float] | None = None, teacher_flops: float = 0.0) -> dict | None:
         """Record one optimizer step; at `step % log_every == 0` log the window and return it."""
         if not self.is_main:
             return None
         rec: dict[str, Any] = {"step": int(step), "stage": int(stage)}
         rec.update({f"loss/{k}": float(v) for k, v in losses.items()})
         rec.update(grad_norm=float(grad_norm), lr=float(lr), samples=int(samples), tokens=int(tokens),
-                   flops=float(flops), step_time=float(step_time), data_wait=float(data_wait))
+                   flops=float(flops), teacher_flops=float(teacher_flops), step_time=float(step_time),
+                   data_wait=float(data_wait))
         for k, v in (extra or {}).items():
             rec[k] = float(v)
         self._write("metrics.jsonl", rec)
@@ -276,6 +284,7 @@ class MetricsLogger:
             "perf/tokens_per_s": rate("tokens"),
             "perf/flops_per_s": rate("flops"),
             "perf/mfu": mfu,
+            "perf/teacher_flops_share": _share(win),
             "perf/data_wait": rate("data_wait"),
             "perf/step_time": time_sum / n,
             "mem/peak_gib": mem,
@@ -355,7 +364,15 @@ class MetricsLogger:
         return png
 
 
-_RAW_KEYS = {"step", "stage", "grad_norm", "lr", "samples", "tokens", "flops", "step_time", "data_wait"}
+_RAW_KEYS = {"step", "stage", "grad_norm", "lr", "samples", "tokens", "flops", "teacher_flops", "step_time",
+             "data_wait"}
+
+
+def _share(win: list[dict[str, Any]]) -> float:
+    """Teacher forward FLOPs / (model + teacher) FLOPs over a window (0 when nothing ran)."""
+    teacher = sum(r.get("teacher_flops", 0.0) for r in win)
+    work = teacher + sum(r["flops"] for r in win)
+    return teacher / work if work > 0 else 0.0
 
 
 def _write_mp4(frames: np.ndarray, path: Path, fps: int | float) -> None:

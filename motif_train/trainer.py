@@ -2,10 +2,15 @@
 
     data.next_step ─► Batch ─► objective(model) ─► named losses ─► backward ─► clip ─► step
         ─► EMA ─► checkpoint ─► metrics
+
+Host syncs: none inside a micro-step; per step one control all-reduce read once (the NaN guard,
+the stop signal, counts); the loss records are reduced and written at log steps
+(`motif_train/step_stats.py`, docs/training.md#host-syncs).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import signal
 import time
@@ -27,9 +32,10 @@ from motif_train.guard import DivergedError, resume_hint, weight_stats, weights_
 from motif_train.metrics import MetricsLogger, Profiler
 from motif_train.models import MotifDiT, RoutingConfig
 from motif_train.models.convert import check_tied_copies, drop_tied_duplicates, load_diffusers_folder
-from motif_train.models.flops import model_flops, num_video_tokens
-from motif_train.objectives import DiffusionObjective, ObjectiveConfig, total_loss
+from motif_train.objectives import DiffusionObjective, ObjectiveConfig, ObjectiveOutput, total_loss
+from motif_train.objectives.objective import mask_has_padding
 from motif_train.optim import build_lr_scheduler, build_optimizer
+from motif_train.step_stats import StepClock, StepLog, control_reduce, micro_flops, video_tokens
 from motif_train.utils import stable_seed
 
 
@@ -75,6 +81,10 @@ class Trainer:
         self._stop_signal = 0
         self._val = None
         self.last_window: dict | None = None  # the last logged window (rates, MFU, peak memory)
+        self.step_log = StepLog(self.dist.world_size)  # steps not yet reduced / written (on the device)
+        self.clock = StepClock(self.device)
+        self._last_record: dict | None = None  # the newest step written to metrics.jsonl
+        self.teacher_config = getattr(getattr(self.teacher, "model", None), "config", None)
         resumed = self.resume()
         self.metrics = MetricsLogger(cfg.logger, self.run_dir, rank=self.dist.rank, world_size=self.dist.world_size,
                                      device=self.device, run_name=cfg.name,
@@ -200,6 +210,7 @@ class Trainer:
         """Checkpoint now unless the run is in a skip streak (then deferred: False); raises
         `DivergedError` when the weights are non-finite or exploded. Every rank decides alike.
         `final`: the run ends here (signal, end of run), so there is no next step to defer to."""
+        self.flush_logs()  # metrics.jsonl is published with the checkpoint: every step up to it
         if self.bad_in_a_row > 0:
             self._save_due = not final
             then = ("the newest complete checkpoint stays the last good one" if final
@@ -226,6 +237,7 @@ class Trainer:
 
     def diverged(self, what: str) -> None:
         """Stop a diverged run (on every rank alike), naming the last good checkpoint."""
+        self.flush_logs()  # the steps up to this one are in metrics.jsonl (synced on the error path)
         self.checkpointer.wait()  # a pending save was taken at a good step: mark it, it is the one to go back to
         stage = self.curriculum.stages[max(self.stage_idx, 0)]
         lr_key, lr = ((f"curriculum.stages[{self.stage_idx}].lr", stage.lr) if stage.lr is not None
@@ -290,49 +302,61 @@ class Trainer:
 
     # ---- one step ------------------------------------------------------------------------
     def generator(self, step: int, micro: int) -> torch.Generator:
-        """Every random draw of a micro-step (σ, noise, dropout, TREAD ids) comes from here: a pure
-        function of (seed, step, micro, rank), so a resumed run draws exactly the same numbers."""
+        """Every random draw of a micro-step (σ, noise, TREAD ids; the CFG dropout hashes its seed) comes
+        from here: a pure function of (seed, step, micro, rank), so a resumed run draws the same numbers."""
         return torch.Generator(self.device).manual_seed(stable_seed(self.cfg.train.seed, step, micro, self.dist.rank))
 
-    def forward_backward(self, batch, step: int, micro: int, weight: float) -> dict[str, torch.Tensor]:
+    def forward_backward(self, batch, step: int, micro: int,
+                         weight: float) -> tuple[dict[str, torch.Tensor], list[str], ObjectiveOutput]:
         """One micro-batch; `weight` = its share of this rank's samples (micro-batches may differ in
-        size), so the accumulated gradient is the mean over the rank's samples; 0 for padding."""
-        out = self.objective(self.model, batch.to(self.device), step=step, micro_step=micro,
-                             generator=self.generator(step, micro), repa=self.repa_on)
+        size), so the accumulated gradient is the mean over the rank's samples; 0 for padding.
+        Returns (detached terms and metrics, the loss-term keys, the objective's output). No
+        device->host read: the padding question is answered on the loader's host tensor, the
+        copy to the device does not wait for the device's queue."""
+        padded = mask_has_padding(batch.text_mask)
+        out = self.objective(self.model, batch.to(self.device, non_blocking=True), step=step, micro_step=micro,
+                             generator=self.generator(step, micro), repa=self.repa_on, text_padded=padded)
         loss = total_loss(out.losses, self.objective.config.weights)
         if step in self.cfg.train.debug_nan_steps:
             loss = loss * float("nan")
         (loss * weight).backward()
         terms = {k: v.detach().float() * weight for k, v in out.losses.items()}
         terms["total"] = loss.detach().float() * weight
-        return {**terms, **{k: v.float() for k, v in out.metrics.items()}}
+        return {**terms, **{k: v.float() for k, v in out.metrics.items()}}, list(terms), out
 
     def train_step(self, batches: list) -> dict:
-        """Accumulate over this rank's micro-batches, reduce, clip, guard, step. Returns logs.
+        """Accumulate over this rank's micro-batches, clip, guard, step. Returns the step's control
+        values (host, summed over ranks) and its device-side sums for the step log.
 
         Every rank runs the same number of micro-batches (the loader pads with `padding=True`
         batches), so the FSDP collectives line up; a padding batch runs forward + backward with
-        weight 0 and stays out of the loss terms and the sample / token counts."""
+        weight 0 and stays out of the loss terms and the sample / token counts (not the FLOPs:
+        the model ran it)."""
         n = len(batches)
         total = sum(len(b) for b in batches if not getattr(b, "padding", False))
         sums: dict[str, torch.Tensor] = {}
+        flops = teacher_flops = 0.0
+        tokens = 0
+        cfg = self.model.config
         for micro, batch in enumerate(batches):
             self.model.set_requires_gradient_sync(micro == n - 1)  # reduce-scatter once per step
             pad = getattr(batch, "padding", False)
-            out = self.forward_backward(batch, self.step, micro, 0.0 if pad or not total else len(batch) / total)
-            for k, v in out.items():  # padding adds zeros: same keys on every rank for the all-reduce
+            out, loss_keys, fed = self.forward_backward(batch, self.step, micro,
+                                                        0.0 if pad or not total else len(batch) / total)
+            for k, v in out.items():  # padding adds zeros: same keys on every rank for the reduction
                 sums[k] = sums.get(k, 0) + (torch.zeros_like(v) if pad else v)
-        flops, tokens = self.step_flops(batches)
-        # Ride the step's one all-reduce: this rank's skipped samples and skip messages (summed).
-        sums.update(_samples=total, _tokens=tokens, _flops=flops,
-                    _skipped=getattr(self.data, "last_skipped_count", 0),
-                    _skip_msgs=len(getattr(self.data, "last_skipped", [])))
+            fl, tf = micro_flops(cfg, batch, fed, self.teacher_config)  # what this micro-batch ran
+            flops, teacher_flops = flops + fl, teacher_flops + tf
+            tokens += 0 if pad else video_tokens(cfg, batch)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip or float("inf"))
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        logs = self.reduce_logs(sums)
-        ok = all(torch.isfinite(torch.tensor(v)) for k, v in logs.items() if not k.startswith(("sigma_q", "_"))) and \
-            torch.isfinite(grad_norm).item()
+        guarded = torch.stack([sums[k] for k in loss_keys] + [grad_norm.float()])
+        ctrl = control_reduce(~torch.isfinite(guarded).all(), stop_signal=self._stop_signal,
+                              skipped=getattr(self.data, "last_skipped_count", 0),
+                              skip_msgs=len(getattr(self.data, "last_skipped", [])), samples=total,
+                              tokens=tokens, flops=flops, teacher_flops=teacher_flops)
+        ok = ctrl.nonfinite == 0  # the same answer on every rank: it is a sum over all of them
         # The LR schedule advances on skipped steps too: it is a function of the global step, like the
         # data position and the curriculum's stage boundaries (docs/training.md).
         if ok:
@@ -342,45 +366,27 @@ class Trainer:
             self.skipped_steps += 1
             self.bad_in_a_row += 1
             self.metrics.log_event(self.step, "non-finite loss or gradient: step skipped",
-                                   grad_norm=grad_norm.item(), skipped=self.skipped_steps)
+                                   grad_norm=grad_norm.item(), skipped=self.skipped_steps)  # a bad step only
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         if ok and self.ema is not None:
             self.ema.update(self.step)
-        return {"logs": logs, "grad_norm": grad_norm.item(), "ok": ok}
+        return {"control": ctrl, "sums": sums, "grad_norm": grad_norm, "ok": ok}
 
-    def reduce_logs(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Mean loss terms over ranks (already sample-weighted within a rank); σ-bucket means from
-        exact sums / counts; `_`-prefixed counts (samples, tokens, FLOPs, skips) summed over ranks."""
-        keys = sorted(sums)
-        vec = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=self.device) for k in keys])
-        dist.all_reduce(vec)
-        vals = dict(zip(keys, vec.tolist(), strict=True))
-        out = {}
-        for k, v in vals.items():
-            if k.startswith("sigma_q"):
-                if k.endswith("_count"):
-                    b = k[: -len("_count")]
-                    out[b] = vals[f"{b}_sum"] / v if v else float("nan")
-                    out[k] = v
-                continue
-            out[k] = v if k.startswith("_") else v / self.dist.world_size
-        return out
-
-    def step_flops(self, batches: list) -> tuple[float, int]:
-        """Analytic model FLOPs (padding batches included: the model ran them) and video tokens
-        (real samples only) of this rank's share of the step."""
-        flops, tokens = 0.0, 0
-        cfg = self.model.config
-        for b in batches:
-            lat = tuple(b.latents.shape[2:])
-            img = b.image_embeds.shape[1] if b.image_embeds is not None else 0
-            fl = model_flops(cfg, lat, text_len=b.text.shape[1], image_len=img, routing=cfg.routing,
-                             repa=self.repa_on)
-            flops += fl.total * len(b)
-            if not getattr(b, "padding", False):
-                tokens += num_video_tokens(cfg, lat) * len(b)
-        return flops, tokens
+    def flush_logs(self) -> list[dict]:
+        """Reduce the pending steps (one all-reduce, one read) and write each to metrics.jsonl
+        (rank 0) in step order; the console / W&B window closes at its log step as before.
+        Collective: every rank calls it at the same steps."""
+        records = self.step_log.flush()
+        for r in records:
+            window = self.metrics.log_step(
+                r["step"], losses=r["losses"], grad_norm=r["grad_norm"], lr=r["lr"], samples=r["samples"],
+                tokens=r["tokens"], step_time=r["step_time"], data_wait=r["data_wait"], flops=r["flops"],
+                teacher_flops=r["teacher_flops"], stage=r["stage"], extra={**r["sigma"], **r["extra"]})
+            self.last_window = window or self.last_window
+        if records:
+            self._last_record = records[-1]
+        return records
 
     def log_skipped_samples(self, n_messages: int) -> None:
         """Every rank's skip messages for this step into events.jsonl (with their rank). Collective
@@ -396,57 +402,69 @@ class Trainer:
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
 
-    def stop_requested(self) -> bool:
-        flag = torch.tensor([self._stop_signal], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
-        agreed = int(flag.item())
-        if agreed:  # never clear the local flag: a signal that lands during the reduce counts next step
-            self._stop_signal = agreed
-        return agreed != 0
-
     def train(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
-        with self.profiler:
-            self._loop()
+        # GC (train.gc_every): the start-up objects (modules, parameters, configs) are frozen out of
+        # every collection, automatic collection is off, and every rank collects at the same steps,
+        # so a collection never stalls one rank while the others wait in a collective.
+        every, was_on = self.cfg.train.gc_every, gc.isenabled()
+        if every:
+            gc.collect()
+            gc.freeze()
+            gc.disable()
+        try:
+            with self.profiler:
+                self._loop()
+        finally:
+            if every:
+                gc.unfreeze()
+                if was_on:
+                    gc.enable()
 
     def _loop(self) -> None:
         stop_at = self.cfg.train.stop_at  # None: not set (validated >= 1 otherwise)
         last = self.total_steps if stop_at is None else min(self.total_steps, stop_at)
+        log_every, gc_every = self.cfg.logger.log_every, self.cfg.train.gc_every
         saved_at = self.step
         while self.step < last:
             self.step += 1
             self.enter_stage(self.step)
+            start = self.clock.mark()
             t0 = time.perf_counter()
             batches = self.data.next_step(self.step)
             data_wait = time.perf_counter() - t0
+            if gc_every and self.step % gc_every == 0:
+                gc.collect()  # inside the timed step: its cost shows in step_time
             lr = self.optimizer.param_groups[0]["lr"]  # the LR this step uses (the scheduler moves it after)
             result = self.train_step(batches)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            step_time = time.perf_counter() - t0
-            logs = result["logs"]
-            n_samples, tokens, flops = int(logs.pop("_samples")), int(logs.pop("_tokens")), logs.pop("_flops")
-            self.samples += n_samples
-            self.tokens += tokens
-            self.skipped_samples += int(logs.pop("_skipped"))
-            self.log_skipped_samples(int(logs.pop("_skip_msgs")))
-            losses = {k: v for k, v in logs.items() if not k.startswith("sigma_q")}
-            extra = {k: v for k, v in logs.items() if k.startswith("sigma_q") and not k.endswith(("_sum", "_count"))}
-            extra.update({"train/skipped_steps": float(self.skipped_steps),
-                          "data/skipped_samples": float(self.skipped_samples)})
-            window = self.metrics.log_step(self.step, losses=losses, grad_norm=result["grad_norm"], lr=lr,
-                                           samples=n_samples, tokens=tokens, step_time=step_time, data_wait=data_wait,
-                                           flops=flops, stage=self.stage_idx, extra=extra)
-            self.last_window = window or self.last_window
-            if self.bad_in_a_row >= self.cfg.train.max_bad_steps:  # after logging: the last bad step is recorded
+            end = self.clock.mark()
+            ctrl = result["control"]
+            self.samples += ctrl.samples
+            self.tokens += ctrl.tokens
+            self.skipped_samples += ctrl.skipped
+            self.log_skipped_samples(ctrl.skip_msgs)
+            self.step_log.add(self.step, result["sums"], result["grad_norm"], (start, end), stage=self.stage_idx,
+                              lr=lr, data_wait=data_wait, samples=ctrl.samples, tokens=ctrl.tokens,
+                              flops=ctrl.flops, teacher_flops=ctrl.teacher_flops,
+                              extra={"train/skipped_steps": float(self.skipped_steps),
+                                     "data/skipped_samples": float(self.skipped_samples)})
+            if ctrl.stop_signal:  # never clear the local flag: a signal that lands during the reduce counts next step
+                self._stop_signal = ctrl.stop_signal
+            log_step = self.step % log_every == 0
+            diverging = self.bad_in_a_row >= self.cfg.train.max_bad_steps
+            if log_step or self.step == last or diverging:
+                self.flush_logs()
+            if diverging:  # after logging: the last bad step is recorded
+                rec = self._last_record or {}
                 self.diverged(f"{self.bad_in_a_row} non-finite steps in a row (train.max_bad_steps), last at step "
-                              f"{self.step}: loss terms {losses}, grad norm {result['grad_norm']}")
+                              f"{self.step}: loss terms {rec.get('losses')}, grad norm {rec.get('grad_norm')}")
             self.profiler.step(self.step)
             if self.should_validate(self.step, self.step == last):
                 self.validate()
-            self.checkpointer.maybe_finalize()
-            if self.stop_requested():
+            if log_step:
+                self.checkpointer.maybe_finalize()  # its gloo all-reduce: at log steps only
+            if ctrl.stop_signal:
                 self.metrics.log_event(self.step, f"signal {signal.Signals(self._stop_signal).name}: saving and "
                                        "exiting")
                 self.save(force_sync=True, final=True)  # in a skip streak: not saved, the last good one stays
@@ -456,13 +474,15 @@ class Trainer:
                 saved_at = self.step
         if saved_at != self.step and self.cfg.checkpoint.save_at_end:
             self.save(force_sync=True, final=True)
+        self.flush_logs()  # nothing pending after the last step's flush; kept for loops that end early
         self.checkpointer.wait()
 
     def close(self, error: BaseException | None = None) -> None:
         """End of run. With `error` (this rank failed) it enters no collective: a peer may be dead or
         stuck in another collective, so waiting on the pending save's barrier could hang until the
         timeout. The pending save is abandoned (left without COMPLETE), the error is logged and the
-        local metrics are synced to the run dir; the caller then exits non-zero."""
+        local metrics are synced to the run dir; the caller then exits non-zero. The steps since the
+        last flush (log step, checkpoint) are not written: reducing them would be a collective."""
         if error is not None:
             self.checkpointer.abandon()
             self.metrics.log_event(self.step, f"error: {type(error).__name__}: {error}",

@@ -5,7 +5,13 @@ costs twice the forward (input and weight gradients), except where the input nee
 gradient (the patch embedding, the text projection, the timestep MLP's first layer), where
 it costs once. Attention's backward is twice its forward (no recompute counted). This is
 what `torch.utils.flop_counter.FlopCounterMode` reports on the real model with the math
-SDPA backend (`count_with_flop_counter`), which the tests hold us to within 1%.
+SDPA backend (`count_with_flop_counter`): the tests hold the two equal (ratio 1 within 1e-6).
+
+What MFU counts (docs/training.md#mfu): the model FLOPs of what each micro-batch actually ran
+(`model_flops` with the text length, the SigLIP tokens the objective fed, 0 for a T2V
+micro-batch even when the batch carries them, the route and the REPA head), forward and
+backward. The frozen REPA teacher's forward (`teacher_forward_flops`) is work the step does but
+not model FLOPs: the trainer logs it apart (`teacher_flops`, `perf/teacher_flops_share`).
 """
 
 from __future__ import annotations
@@ -130,6 +136,23 @@ def model_flops(config: MotifDiTConfig, latent: tuple[int, int, int], *, text_le
     acc.linear(1, d, 2 * d)  # norm_out modulation
     acc.linear(n, d, c.patch_size_t * c.patch_size ** 2 * c.out_channels)
     return FlopBreakdown(linear_fwd=acc.lin, attn_fwd=acc.attn, bwd=acc.bwd, per_block=per_block)
+
+
+def teacher_forward_flops(config, frames: int, size: int) -> float:
+    """Forward FLOPs of one sample through the V-JEPA 2 encoder (the REPA teacher, no backward).
+
+    `config`: the teacher's `VJEPA2Config` (hidden_size, num_hidden_layers, mlp_ratio,
+    patch_size, tubelet_size, in_chans); input (3, frames, size, size), frames a multiple of the
+    tubelet. Counted like `model_flops`: the 3-D patch convolution, q / k / v / out and the
+    two MLP matmuls per layer, 4·N²·D of attention; norms, RoPE and biases are not matmuls.
+    """
+    d = int(config.hidden_size)
+    dm = int(d * config.mlp_ratio)
+    t, p = int(config.tubelet_size), int(config.patch_size)
+    n = (frames // t) * (size // p) ** 2
+    conv = 2.0 * n * (int(config.in_chans) * t * p * p) * d
+    per_layer = 2.0 * n * d * d * 4 + 2.0 * n * d * dm * 2 + 4.0 * n * n * d
+    return conv + int(config.num_hidden_layers) * per_layer
 
 
 def count_with_flop_counter(config: MotifDiTConfig, latent: tuple[int, int, int], *, text_len: int = 512,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -79,15 +80,17 @@ def blur_sigmas(sigma: Tensor, cfg: ConditioningConfig) -> Tensor:
     return cfg.blur_sigma_max * sigma.detach().float().clamp(min=0.0).pow(cfg.blur_gamma)
 
 
-def gaussian_kernels(sigma_blur: Tensor, radius_max: int) -> Tensor:
-    """Normalised 1-D Gaussians, (B,) σ_blur > 0 → (B, 2R+1) float32 with R = max radius used.
+def gaussian_kernels(sigma_blur: Tensor, radius: int) -> Tensor:
+    """Normalised 1-D Gaussians, (B,) σ_blur >= 0 → (B, 2R+1) float32 with R = `radius`.
 
-    Sample i is truncated at its own radius r_i = min(ceil(3 σ_i), radius_max) and zero-padded
-    to the common width, so its output does not depend on the other samples in the batch.
+    `radius` is a python int (the widest truncation any sample can need, known from the config),
+    so the kernel width is not read back from the device. Sample i is truncated at its own
+    radius r_i = min(ceil(3 σ_i), R) and zero beyond, so its output does not depend on the other
+    samples in the batch; σ_blur = 0 gives the identity kernel (a 1 at the centre).
     """
     s = sigma_blur.float().clamp(min=1e-6)
-    radii = torch.ceil(3.0 * s).clamp(1, max(1, radius_max)).long()  # (B,)
-    big_r = int(radii.max().item())
+    big_r = max(1, int(radius))
+    radii = torch.ceil(3.0 * s).clamp(1, big_r)  # (B,) float, integral values
     offsets = torch.arange(-big_r, big_r + 1, device=s.device, dtype=torch.float32)  # (K,)
     k = torch.exp(-0.5 * (offsets[None, :] / s[:, None]).square())
     k = k * (offsets.abs()[None, :] <= radii[:, None])
@@ -114,9 +117,9 @@ def timestep_blur(frames: Tensor, sigma: Tensor, cfg: ConditioningConfig) -> Ten
     the model from learning to copy it. Kernel: separable Gaussian, odd size ≤ blur_kernel_max
     (and < 2·min(H, W) so reflect padding is defined), reflect padding, renormalised after
     truncation, so a constant image stays constant. Computed in float32, returned in the
-    input's dtype. Samples with σ_blur = 0 are returned bit-identical; if none is blurred the
-    input tensor itself is returned. Inference never blurs: the pipeline conditions on the
-    sharp frame.
+    input's dtype. Samples with σ_blur = 0 are returned bit-identical (in a new tensor; with
+    blur_sigma_max = 0 the input tensor itself). No device->host read: the kernel width comes
+    from the config. Inference never blurs: the pipeline conditions on the sharp frame.
     """
     if frames.ndim != 4:
         raise ValueError(f"frames must be (B, C, H, W), got {tuple(frames.shape)}")
@@ -124,19 +127,15 @@ def timestep_blur(frames: Tensor, sigma: Tensor, cfg: ConditioningConfig) -> Ten
         raise ValueError(f"sigma must be (B,) with B={frames.shape[0]}, got {tuple(sigma.shape)}")
     if cfg.blur_sigma_max == 0.0:
         return frames
-    sb = blur_sigmas(sigma.to(frames.device), cfg)
-    active = (sb > 0).nonzero().flatten()
-    if active.numel() == 0:
-        return frames
+    sb = blur_sigmas(sigma.to(frames.device), cfg)  # (B,)
     h, w = frames.shape[-2:]
-    radius_max = min(cfg.blur_kernel_max // 2, min(h, w) - 1)
+    # Flow σ < 1, so σ_blur <= blur_sigma_max: the widest radius is known on the host, and every
+    # sample is blurred (no data-dependent subset: that would be a device->host read per call).
+    radius_max = min(cfg.blur_kernel_max // 2, min(h, w) - 1, max(1, math.ceil(3.0 * cfg.blur_sigma_max)))
     if radius_max < 1:
         return frames  # a 1-pixel side cannot be blurred along
-    kernels = gaussian_kernels(sb[active], radius_max)
-    blurred = _separable_blur(frames[active].float(), kernels).to(frames.dtype)
-    out = frames.clone()
-    out[active] = blurred
-    return out
+    blurred = _separable_blur(frames.float(), gaussian_kernels(sb, radius_max)).to(frames.dtype)
+    return torch.where((sb > 0).view(-1, *([1] * (frames.ndim - 1))), blurred, frames)
 
 
 # --------------------------------------------------------------------------- I2V / T2V inputs
@@ -185,6 +184,25 @@ def model_input(x_t: Tensor, cond: Tensor, mask: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- text dropout
 
 
+def draw_text_dropout(batch: int, p: float, generator: torch.Generator | None = None) -> list[bool]:
+    """Which of `batch` samples get the empty prompt (probability p each), decided on the host.
+
+    The objective needs the answer as python bools (to pick SDPA's mask-free kernel without a
+    device read), so the draw is not a device RNG draw: with a generator, sample i is dropped when
+    a uniform that is a pure function of (generator.initial_seed(), i) is < p (no generator state
+    is touched, so the σ / noise / TREAD draws are independent of it); without one, the global
+    torch RNG on the CPU.
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p must be in [0, 1], got {p}")
+    if p == 0.0:
+        return [False] * batch
+    if generator is None:
+        return (torch.rand(batch) < p).numpy().tolist()  # a host tensor: no device involved
+    seed = generator.initial_seed()
+    return [_uniform01(seed, 0xD209, i) < p for i in range(batch)]
+
+
 def apply_text_dropout(
     embeds: Tensor,
     mask: Tensor,
@@ -193,6 +211,7 @@ def apply_text_dropout(
     empty_mask: Tensor,
     *,
     generator: torch.Generator | None = None,
+    dropped: Sequence[bool] | Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Replace each sample's prompt by the empty prompt with probability p (CFG training).
 
@@ -201,8 +220,9 @@ def apply_text_dropout(
     empty_embeds[:min(L0, L)] followed by zeros and empty_mask[:min(L0, L)] followed by 0
     (truncation is harmless: "" encodes to a handful of tokens).
     Returns (embeds (B, L, D), mask (B, L), dropped (B,) bool), new tensors in the input
-    dtypes/devices. The draw uses `generator` (on its own device) or else the global RNG;
-    with p = 0 nothing is drawn and the inputs are returned unchanged.
+    dtypes/devices. `dropped`: the (B,) decisions made by the caller (`draw_text_dropout`);
+    without it the draw uses `generator` (on its own device) or else the global RNG; with
+    p = 0 and no decisions nothing is drawn and the inputs are returned unchanged.
     """
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p must be in [0, 1], got {p}")
@@ -214,10 +234,17 @@ def apply_text_dropout(
             f"got {tuple(empty_embeds.shape)} / {tuple(empty_mask.shape)}"
         )
     b, length, _ = embeds.shape
-    if p == 0.0:
+    if dropped is not None:
+        drop = torch.as_tensor(dropped, dtype=torch.bool)
+        if drop.shape != (b,):
+            raise ValueError(f"dropped must be (B,) with B={b}, got {tuple(drop.shape)}")
+        # non_blocking: a host->device copy that does not wait for the device's queue
+        drop = drop.to(embeds.device, non_blocking=True)
+    elif p == 0.0:
         return embeds, mask, torch.zeros(b, dtype=torch.bool, device=embeds.device)
-    gen_device = generator.device if generator is not None else embeds.device
-    dropped = (torch.rand(b, generator=generator, device=gen_device) < p).to(embeds.device)
+    else:
+        gen_device = generator.device if generator is not None else embeds.device
+        drop = (torch.rand(b, generator=generator, device=gen_device) < p).to(embeds.device, non_blocking=True)
 
     n = min(empty_embeds.shape[0], length)
     empty_e = embeds.new_zeros(length, embeds.shape[2])
@@ -225,6 +252,6 @@ def apply_text_dropout(
     empty_m = mask.new_zeros(length)
     empty_m[:n] = empty_mask[:n].to(device=mask.device, dtype=mask.dtype)
 
-    out_e = torch.where(dropped[:, None, None], empty_e[None], embeds)
-    out_m = torch.where(dropped[:, None], empty_m[None], mask)
-    return out_e, out_m, dropped
+    out_e = torch.where(drop[:, None, None], empty_e[None], embeds)
+    out_m = torch.where(drop[:, None], empty_m[None], mask)
+    return out_e, out_m, drop

@@ -206,7 +206,9 @@ def flow_loss(
     idx = sigma_bucket_index(sigma.to(per_sample.device), num_buckets)
     sums = torch.zeros(num_buckets, dtype=torch.float32, device=per_sample.device)
     sums.index_add_(0, idx, per_sample)
-    counts = torch.bincount(idx, minlength=num_buckets).to(torch.float32)
+    # index_add_, not bincount: CUDA's bincount reads the max index back to size its output (a sync)
+    counts = torch.zeros(num_buckets, dtype=torch.float32, device=per_sample.device)
+    counts.index_add_(0, idx, torch.ones_like(per_sample))
     means = sums / counts.clamp(min=1.0)
 
     out: dict[str, Tensor] = {"denoise": denoise}

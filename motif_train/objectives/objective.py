@@ -5,6 +5,11 @@
 Losses come back as named terms (`denoise`, `repa`, per-σ-bucket diagnostics); the
 trainer weights them with `ObjectiveConfig.weights` via `total_loss`. The REPA teacher is
 passed in (frozen, not part of the trained model) and is only run when REPA is active.
+
+No device->host read happens in a call (tests/unit/test_host_syncs.py): the task is a hash,
+the text-dropout draw and the "is any text padded" decision are made on the host, the blur's
+kernel width comes from the config. The output says what the model was fed (task, image and
+text tokens, REPA), which is what the trainer's FLOP count (MFU) is computed from.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from .conditioning import (
     build_i2v_condition,
     build_t2v_condition,
     choose_task,
+    draw_text_dropout,
     model_input,
     timestep_blur,
 )
@@ -48,11 +54,33 @@ class ObjectiveConfig:
 
 @dataclass
 class ObjectiveOutput:
-    """losses: differentiable terms by name; metrics: detached diagnostics (σ buckets, task)."""
+    """losses: differentiable terms by name; metrics: detached diagnostics (σ buckets).
+
+    What the model ran on, as host values (the trainer's FLOP count is computed from them):
+    task "t2v" | "i2v"; image_tokens: SigLIP tokens per sample fed to the model (0 for T2V, also
+    when the batch carries them); text_tokens: text positions per sample (the padded width L);
+    repa: the REPA head ran, and the teacher's forward on `batch.teacher_pixels`.
+    """
 
     losses: dict[str, torch.Tensor]
     metrics: dict[str, torch.Tensor]
     task: str
+    image_tokens: int = 0
+    text_tokens: int = 0
+    repa: bool = False
+
+
+def mask_has_padding(mask: torch.Tensor | None) -> bool | None:
+    """Whether a (B, L) text mask has any padding, as a python bool, for a mask on the host;
+    None for a mask on an accelerator (unknown: finding out there is a device->host read).
+
+    Read through numpy, which refuses device tensors, so this can never become a device sync.
+    The trainer calls it on the loader's CPU batch before moving it to the device."""
+    if mask is None:
+        return False
+    if mask.device.type != "cpu":
+        return None
+    return not bool(mask.numpy().all())
 
 
 def total_loss(losses: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
@@ -78,14 +106,23 @@ class DiffusionObjective:
         self.teacher = teacher
         if config.conditioning.text_dropout > 0 and empty_text is None:
             raise ValueError("conditioning.text_dropout > 0 needs the empty-prompt embedding (empty_text=...)")
+        # Host facts about the empty prompt, read once here (start-up), not per micro-batch: a
+        # dropped row's mask is all True only for L <= this length (-1: the mask has a 0).
+        self._empty_full = -1
+        if empty_text is not None and bool(empty_text[1].bool().all()):
+            self._empty_full = int(empty_text[1].shape[0])
 
     def repa_active(self, step: int) -> bool:
         return self.teacher is not None and self.config.repa.active(step)
 
     def __call__(self, model: nn.Module, batch: Batch, *, step: int, micro_step: int = 0,
-                 generator: torch.Generator | None = None, repa: bool = True) -> ObjectiveOutput:
+                 generator: torch.Generator | None = None, repa: bool = True,
+                 text_padded: bool | None = None) -> ObjectiveOutput:
         """One micro-batch. `repa=False` switches REPA off for this call (e.g. the curriculum stage
-        has it off) on top of the `repa.until_step` cut-off."""
+        has it off) on top of the `repa.until_step` cut-off. `text_padded`: whether
+        `batch.text_mask` has padding, worked out on the host before the batch was moved to the
+        device (`mask_has_padding`); None: from the mask here if it is on the host, else unknown
+        (the mask is then always passed: right, maybe a slower attention kernel)."""
         c = self.config
         x0 = batch.latents.float()  # (B, 16, F, H, W)
         b, _, f, h, w = x0.shape
@@ -107,11 +144,14 @@ class DiffusionObjective:
             image_embeds = None
 
         text, text_mask = batch.text, batch.text_mask
-        if c.conditioning.text_dropout > 0:
+        padded = text_padded if text_padded is not None else mask_has_padding(text_mask)
+        dropped = draw_text_dropout(b, c.conditioning.text_dropout, generator)
+        if any(dropped):
             text, text_mask, _ = apply_text_dropout(text, text_mask, c.conditioning.text_dropout,
-                                                    *self.empty_text, generator=generator)
-
-        if text_mask is not None and bool(text_mask.all()):
+                                                    *self.empty_text, dropped=dropped)
+            if padded is not None:  # a dropped row is padded unless the empty prompt fills all L
+                padded = (padded and not all(dropped)) or text.shape[1] > self._empty_full
+        if text_mask is not None and padded is False:
             text_mask = None  # nothing padded: lets SDPA pick its fastest (mask-free) kernel
         use_repa = repa and self.repa_active(step)
         if use_repa and batch.teacher_pixels is None:
@@ -130,4 +170,6 @@ class DiffusionObjective:
             grid = (f // pt, h // p, w // p)
             target_tokens = match_teacher_tokens(teacher.float(), grid)  # (B, N, C)
             losses["repa"] = repa_loss(out.repa_tokens, target_tokens, out.repa_ids)
-        return ObjectiveOutput(losses=losses, metrics={k: v.detach() for k, v in terms.items()}, task=task)
+        return ObjectiveOutput(losses=losses, metrics={k: v.detach() for k, v in terms.items()}, task=task,
+                               image_tokens=image_embeds.shape[1] if image_embeds is not None else 0,
+                               text_tokens=text.shape[1], repa=use_repa)

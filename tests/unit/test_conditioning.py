@@ -11,6 +11,8 @@ from motif_train.objectives.conditioning import (
     build_i2v_condition,
     build_t2v_condition,
     choose_task,
+    draw_text_dropout,
+    gaussian_kernels,
     model_input,
     timestep_blur,
 )
@@ -116,6 +118,17 @@ def test_blur_preserves_constant_and_mean():
     assert out.shape == tiny.shape and bool(out.abs().max() <= tiny.abs().max() + 1e-6)
 
 
+def test_gaussian_kernels_width_is_given_by_the_host():
+    """The width is the python radius passed in (no read of the σ back from the device); each
+    sample is still cut at its own ceil(3σ), and σ = 0 is the identity."""
+    k = gaussian_kernels(torch.tensor([0.0, 0.5, 4.0]), 5)
+    assert k.shape == (3, 11)
+    assert torch.equal(k[0], torch.eye(11)[5])
+    assert (k[1] > 0).tolist() == [abs(o) <= 2 for o in range(-5, 6)]  # ceil(1.5) = 2
+    assert bool((k[2] > 0).all())  # ceil(12) clamped to 5
+    torch.testing.assert_close(k.sum(dim=1), torch.ones(3))
+
+
 def test_blur_matches_explicit_gaussian_and_keeps_dtype():
     cfg = ConditioningConfig(blur_sigma_max=1.0, blur_kernel_max=31)
     x = torch.randn(1, 1, 1, 20, generator=torch.Generator().manual_seed(5)).repeat(1, 1, 20, 1)
@@ -208,6 +221,34 @@ def test_text_dropout_deterministic_with_generator_and_rate():
     _, _, d = apply_text_dropout(big_e, big_m, 0.1, torch.zeros(1, 3), torch.ones(1, dtype=torch.bool),
                                  generator=torch.Generator().manual_seed(0))
     assert abs(d.float().mean().item() - 0.1) < 0.02
+
+
+def test_text_dropout_drawn_on_the_host():
+    """Python bools, a pure function of the generator's seed (its state is not touched, so σ / noise
+    / TREAD draws do not move), at the requested rate."""
+    g = torch.Generator().manual_seed(5)
+    state = g.get_state()
+    a = draw_text_dropout(4000, 0.1, g)
+    assert torch.equal(g.get_state(), state) and all(type(x) is bool for x in a)
+    assert a == draw_text_dropout(4000, 0.1, torch.Generator().manual_seed(5))
+    assert a != draw_text_dropout(4000, 0.1, torch.Generator().manual_seed(6))
+    assert abs(sum(a) / 4000 - 0.1) < 0.02
+    assert draw_text_dropout(3, 0.0, g) == [False] * 3 and draw_text_dropout(3, 1.0, g) == [True] * 3
+
+
+def test_text_dropout_applies_given_decisions():
+    embeds, mask = _text()
+    empty_e, empty_m = torch.randn(2, 5), torch.ones(2, dtype=torch.bool)
+    dropped = [True, False, False, True, False, False]
+    e, m, d = apply_text_dropout(embeds, mask, 0.3, empty_e, empty_m, dropped=dropped)
+    assert d.tolist() == dropped
+    for i, drop in enumerate(dropped):
+        if drop:
+            assert torch.equal(e[i, :2], empty_e) and m[i, :2].all() and not m[i, 2:].any()
+        else:
+            assert torch.equal(e[i], embeds[i]) and torch.equal(m[i], mask[i])
+    with pytest.raises(ValueError, match="dropped must be"):
+        apply_text_dropout(embeds, mask, 0.3, empty_e, empty_m, dropped=[True])
 
 
 @pytest.mark.parametrize(

@@ -44,7 +44,8 @@ def step_values(i: int) -> dict:
     return dict(
         losses={"denoise": denoise, "repa": repa, "total": denoise + 0.5 * repa},
         grad_norm=0.1 * i + 1 / 3, lr=1e-4 * i / 25, samples=samples, tokens=samples * 1234,
-        step_time=0.5 + 0.013 * i, data_wait=0.007 * (i % 5), flops=1.1e12 * i, stage=1 + i // 15,
+        step_time=0.5 + 0.013 * i, data_wait=0.007 * (i % 5), flops=1.1e12 * i, teacher_flops=0.2e12 * (i % 2),
+        stage=1 + i // 15,
         extra={"sigma_q1": 0.9 / i, "sigma_q2": 0.7 / i, "sigma_q3": 0.5 / i, "sigma_q4": 0.3 / i,
                "tread_ratio": 0.5, "grad/clip_frac": 0.25},
     )
@@ -79,7 +80,7 @@ def test_log_25_steps_offline(wandb_env, capsys):
         assert rec["step"] == i and rec["stage"] == v["stage"]
         for k, x in v["losses"].items():
             assert rec[f"loss/{k}"] == x
-        for k in ("grad_norm", "lr", "samples", "tokens", "step_time", "data_wait", "flops"):
+        for k in ("grad_norm", "lr", "samples", "tokens", "step_time", "data_wait", "flops", "teacher_flops"):
             assert rec[k] == v[k], k
         for k, x in v["extra"].items():
             assert rec[k] == x
@@ -92,7 +93,11 @@ def test_log_25_steps_offline(wandb_env, capsys):
     assert w["perf/data_wait"] == pytest.approx(sum(v["data_wait"] for v in vals) / time_sum, rel=1e-12)
     assert w["perf/step_time"] == pytest.approx(time_sum / 10, rel=1e-12)
     flops_per_s = sum(v["flops"] for v in vals) / time_sum
-    assert w["perf/mfu"] == pytest.approx(flops_per_s / (100e12 * 2), rel=1e-12)
+    assert w["perf/mfu"] == pytest.approx(flops_per_s / (100e12 * 2), rel=1e-12)  # model FLOPs only
+    teacher = sum(v["teacher_flops"] for v in vals)
+    assert w["perf/teacher_flops_share"] == pytest.approx(teacher / (teacher + sum(v["flops"] for v in vals)),
+                                                          rel=1e-12)
+    assert "train/teacher_flops" not in w  # a raw count, not a mean
     assert w["loss/denoise"] == pytest.approx(sum(v["losses"]["denoise"] for v in vals) / 10, rel=1e-12)
     assert w["loss/total"] == pytest.approx(sum(v["losses"]["total"] for v in vals) / 10, rel=1e-12)
     assert w["loss/sigma_q3"] == pytest.approx(sum(v["extra"]["sigma_q3"] for v in vals) / 10, rel=1e-12)

@@ -147,6 +147,8 @@ def test_i2v_inputs(tiny_cfg, encoders, batch):
     obj = _objective(encoders, conditioning={"i2v_prob": 1.0, "text_dropout": 0.0, "blur_sigma_max": 0.0})
     out = obj(model, batch, step=0)
     assert out.task == "i2v"
+    # what the model was fed, for the FLOP count: the SigLIP tokens, the text width, REPA (on by default)
+    assert (out.image_tokens, out.text_tokens, out.repa) == (batch.image_embeds.shape[1], 16, True)
     hs = seen["hidden_states"]
     assert hs.shape == (2, 33, 3, 8, 12)
     torch.testing.assert_close(hs[:, 16:32, 0], batch.latents[:, :, 0])  # condition = clean frame-0 latent
@@ -154,7 +156,9 @@ def test_i2v_inputs(tiny_cfg, encoders, batch):
     assert seen["image_embeds"] is batch.image_embeds
     # T2V: zero condition, no image tokens; images (F == 1) are always T2V.
     obj = _objective(encoders, conditioning={"i2v_prob": 0.0, "text_dropout": 0.0})
-    assert obj(model, batch, step=0).task == "t2v" and seen["image_embeds"] is None
+    out = obj(model, batch, step=0)
+    assert out.task == "t2v" and seen["image_embeds"] is None
+    assert out.image_tokens == 0 and out.repa  # the batch carries SigLIP tokens, the model did not see them
     assert seen["hidden_states"][:, 16:].eq(0).all()
     img = Batch(latents=batch.latents[:, :, :1], text=batch.text, text_mask=batch.text_mask,
                 image_embeds=batch.image_embeds)
