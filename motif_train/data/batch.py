@@ -7,12 +7,46 @@ from dataclasses import dataclass, fields
 import torch
 
 
+def pad_length(longest: int, pad_to: list[int] | tuple[int, ...], key: str = "data.text_pad_to") -> int:
+    """The smallest length in `pad_to` >= `longest` (the text length a micro-batch is padded to).
+
+    Raises, naming `key`, when the caption is longer than every length: raise the largest one (or
+    re-run motif-preprocess with a smaller --max-text-len)."""
+    fit = [n for n in pad_to if n >= longest]
+    if not fit:
+        raise ValueError(f"a caption has {longest} text tokens, more than the largest {key} length "
+                         f"{max(pad_to)}: add a length >= {longest} to {key} (or re-run motif-preprocess with "
+                         f"--max-text-len <= {max(pad_to)})")
+    return min(fit)
+
+
+def check_pad_to(pad_to, key: str = "data.text_pad_to") -> list[int]:
+    """`pad_to` as a sorted list of distinct ints >= 1; raises naming `key` otherwise."""
+    vals = list(pad_to) if isinstance(pad_to, (list, tuple)) else None
+    if not vals or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in vals):
+        raise ValueError(f"{key}={pad_to!r} must be a non-empty list of text lengths >= 1 (e.g. [64, 128, 256, 512])")
+    return sorted(set(vals))
+
+
+def pad_text(texts: list[torch.Tensor], pad_to: list[int] | tuple[int, ...],
+             key: str = "data.text_pad_to") -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_i, C) captions -> zero-padded (B, L, C) fp32 text and (B, L) bool mask, L = `pad_length`."""
+    width = pad_length(max(t.shape[0] for t in texts), pad_to, key)
+    text = torch.zeros(len(texts), width, texts[0].shape[1])
+    mask = torch.zeros(len(texts), width, dtype=torch.bool)
+    for i, t in enumerate(texts):
+        text[i, :t.shape[0]], mask[i, :t.shape[0]] = t, True
+    return text, mask
+
+
 @dataclass
 class Batch:
     """Precomputed training inputs of one micro-batch; every sample has the same shape.
 
     latents: normalised Wan VAE latents x0 (B, 16, F, H, W).
-    text: text-encoder hidden states (B, L, C_text), padded to the longest in the batch.
+    text: text-encoder hidden states (B, L, C_text), zero-padded to L = the smallest length of
+        `data.text_pad_to` that holds the longest caption (`pad_length`), so compiled blocks see a
+        few fixed text lengths rather than a new one per micro-batch and rank.
     text_mask: (B, L) bool, True on real tokens.
     image_embeds: SigLIP first-frame tokens (B, I, C_img), or None (no I2V possible).
     teacher_pixels: REPA teacher input (B, 3, 2+4k, S, S) in [-1, 1] (frame 0 already

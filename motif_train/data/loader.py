@@ -37,14 +37,14 @@ import os
 import time
 import zlib
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .batch import Batch
+from .batch import Batch, check_pad_to, pad_text
 from .curriculum import StageConfig
 from .plan import Plan, build_plan, replan, sample_ids_by_bucket
 from .shards import (
@@ -69,6 +69,8 @@ class ShardDataConfig:
     pin_memory: bool | None = None  # None: on with CUDA
     max_open_files: int = 64  # tar files each DataLoader worker keeps open (least recently used closed first)
     io_retries: int = 3  # retries of a read failing with a machine I/O error before the run stops (DataIOError)
+    # text lengths a micro-batch's captions are padded to (the smallest that fits): a few fixed shapes for compile
+    text_pad_to: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
 
 
 # ------------------------------------------------------------------------------ file access
@@ -351,6 +353,7 @@ class _StepStream(IterableDataset):
         self.shard_index, self.bucket_ids = source.shard_index, source.bucket_ids
         self.rank, self.accum, self.teacher = source.dp_rank, source.grad_accum, source.want_teacher
         self.max_open_files, self.io_retries = source.max_open_files, source.io_retries
+        self.text_pad_to = source.text_pad_to
         self.plan, self.offset, self.start = plan, offset, start
         self._spares: dict[str, tuple[list[int], set[int]]] = {}
 
@@ -396,7 +399,7 @@ class _StepStream(IterableDataset):
         # every rank runs the same number of forward/backward passes.
         n_micro = min(self.accum, max(len(r) for r in step.samples))
         notes, reader.notes = reader.notes, []
-        return collate_micro(samples, n_micro, self.teacher), notes + msgs, n_bad
+        return collate_micro(samples, n_micro, self.teacher, self.text_pad_to), notes + msgs, n_bad
 
     def __iter__(self):
         info = get_worker_info()
@@ -410,16 +413,11 @@ class _StepStream(IterableDataset):
             reader.files.close()
 
 
-def collate(samples: list[dict], teacher: bool) -> Batch:
-    """Decoded samples of one bucket -> Batch (text padded to the longest, mask True on tokens)."""
-    width = max(s["text"].shape[0] for s in samples)
-    dim = samples[0]["text"].shape[1]
-    text = torch.zeros(len(samples), width, dim)
-    mask = torch.zeros(len(samples), width, dtype=torch.bool)
-    for i, s in enumerate(samples):
-        n = s["text"].shape[0]
-        text[i, :n] = torch.from_numpy(s["text"].astype(np.float32))
-        mask[i, :n] = True
+def collate(samples: list[dict], teacher: bool,
+            text_pad_to: list[int] | tuple[int, ...] = (64, 128, 256, 512)) -> Batch:
+    """Decoded samples of one bucket -> Batch (text zero-padded to the smallest `data.text_pad_to` length
+    holding the longest caption, mask True on tokens; a longer caption raises naming the key)."""
+    text, mask = pad_text([torch.from_numpy(s["text"].astype(np.float32)) for s in samples], text_pad_to)
     image = None
     if all("image" in s for s in samples):
         image = torch.from_numpy(np.stack([s["image"] for s in samples]).astype(np.float32))
@@ -434,7 +432,8 @@ def collate(samples: list[dict], teacher: bool) -> Batch:
                  keys=tuple(s["meta"]["key"] for s in samples))
 
 
-def collate_micro(samples: list[dict], n_micro: int, teacher: bool) -> list[Batch]:
+def collate_micro(samples: list[dict], n_micro: int, teacher: bool,
+                  text_pad_to: list[int] | tuple[int, ...] = (64, 128, 256, 512)) -> list[Batch]:
     """This rank's samples of one step -> exactly `n_micro` micro-batches (sizes differ by <= 1); [] without
     samples. With fewer samples than n_micro each is its own micro-batch and the rest are `padding=True`
     micro-batches repeating them in turn (the same number of passes on every rank)."""
@@ -442,8 +441,8 @@ def collate_micro(samples: list[dict], n_micro: int, teacher: bool) -> list[Batc
         return []
     if len(samples) >= n_micro:
         parts = np.array_split(np.arange(len(samples)), n_micro)
-        return [collate([samples[i] for i in p], teacher) for p in parts]
-    real = [collate([s], teacher) for s in samples]
+        return [collate([samples[i] for i in p], teacher, text_pad_to) for p in parts]
+    real = [collate([s], teacher, text_pad_to) for s in samples]
     return real + [dataclasses.replace(real[i % len(real)], padding=True) for i in range(n_micro - len(real))]
 
 
@@ -461,15 +460,23 @@ class ShardSource:
     """
 
     def __init__(self, *, root: str, num_workers: int = 2, prefetch_factor: int = 2, pin_memory: bool | None = None,
-                 max_open_files: int = 64, io_retries: int = 3, text_dim: int, image_dim: int | None, seed: int,
+                 max_open_files: int = 64, io_retries: int = 3,
+                 text_pad_to: list[int] | tuple[int, ...] = (64, 128, 256, 512), text_dim: int,
+                 image_dim: int | None, seed: int,
                  dp_rank: int, dp_size: int, grad_accum: int) -> None:
         if int(max_open_files) < 1:
             raise ValueError(f"data.max_open_files={max_open_files} must be >= 1 (tar files each DataLoader worker "
                              "keeps open)")
         if int(io_retries) < 0:
             raise ValueError(f"data.io_retries={io_retries} must be >= 0 (retries of a failing shard read)")
+        self.text_pad_to = check_pad_to(text_pad_to)
         self.root = Path(root)
         self.manifest = load_manifest(self.root)  # a missing shard fails here, at start-up
+        max_text = self.manifest.get("max_text_len")
+        if isinstance(max_text, int) and max_text > self.text_pad_to[-1]:
+            raise ValueError(f"data.text_pad_to={self.text_pad_to}: the shards hold captions of up to {max_text} "
+                             f"text tokens (manifest max_text_len) but the largest pad length is "
+                             f"{self.text_pad_to[-1]}: add a length >= {max_text} to data.text_pad_to")
         self.shard_paths = [s["path"] for s in self.manifest["shards"]]
         self.shard_index = [(s.get("index"), s.get("index_crc")) for s in self.manifest["shards"]]
         self.locate = [(i, k) for i, s in enumerate(self.manifest["shards"]) for k in s["keys"]]

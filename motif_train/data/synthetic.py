@@ -15,7 +15,7 @@ import torch
 
 from motif_train.utils import stable_seed
 
-from .batch import Batch
+from .batch import Batch, check_pad_to, pad_text
 from .curriculum import StageConfig
 
 
@@ -25,6 +25,8 @@ class SyntheticDataConfig:
     text_len: list[int] = field(default_factory=lambda: [4, 16])  # [min, max] true text tokens
     image_tokens: int = 16  # SigLIP tokens per first frame
     teacher_size: int = 32  # square side of the REPA teacher input
+    # text lengths batches are padded to (smallest that fits); None: text_len's max, one fixed length
+    text_pad_to: list[int] | None = None
 
     def __post_init__(self) -> None:
         lo_hi = list(self.text_len)
@@ -32,6 +34,11 @@ class SyntheticDataConfig:
                 not 1 <= lo_hi[0] <= lo_hi[1]:
             raise ValueError(f"data.text_len={self.text_len!r} must be [min, max] true text tokens with "
                              "1 <= min <= max")
+        if self.text_pad_to is not None:
+            self.text_pad_to = check_pad_to(self.text_pad_to)
+            if self.text_pad_to[-1] < lo_hi[1]:
+                raise ValueError(f"data.text_pad_to={self.text_pad_to} cannot hold data.text_len max {lo_hi[1]}: "
+                                 f"add a length >= {lo_hi[1]}")
         for name in ("image_tokens", "teacher_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -42,9 +49,12 @@ class SyntheticSource:
     """`next_step(step) -> list[Batch]`: this rank's `grad_accum` micro-batches for one step."""
 
     def __init__(self, *, text_len: list[int] | tuple[int, int] = (4, 16), image_tokens: int = 16,
-                 teacher_size: int = 32, text_dim: int, image_dim: int | None, seed: int, dp_rank: int,
+                 teacher_size: int = 32, text_pad_to: list[int] | None = None, text_dim: int,
+                 image_dim: int | None, seed: int, dp_rank: int,
                  dp_size: int, grad_accum: int) -> None:
-        self.cfg = SyntheticDataConfig(text_len=list(text_len), image_tokens=image_tokens, teacher_size=teacher_size)
+        self.cfg = SyntheticDataConfig(text_len=list(text_len), image_tokens=image_tokens, teacher_size=teacher_size,
+                                       text_pad_to=None if text_pad_to is None else list(text_pad_to))
+        self.text_pad_to = self.cfg.text_pad_to or [self.cfg.text_len[1]]
         self.text_dim, self.image_dim, self.seed = text_dim, image_dim, seed
         self.dp_rank, self.dp_size, self.grad_accum = dp_rank, dp_size, grad_accum
         self.consumed = 0  # global samples handed out before the next step
@@ -107,12 +117,7 @@ class SyntheticSource:
 
     def _batch(self, ids: range, bucket: list[int]) -> Batch:
         samples = [self._sample(i, bucket) for i in ids]
-        width = max(s["text"].shape[0] for s in samples)
-        text = torch.zeros(len(samples), width, self.text_dim)
-        mask = torch.zeros(len(samples), width, dtype=torch.bool)
-        for j, s in enumerate(samples):
-            n = s["text"].shape[0]
-            text[j, :n], mask[j, :n] = s["text"], True
+        text, mask = pad_text([s["text"] for s in samples], self.text_pad_to)
         stack = lambda k: torch.stack([s[k] for s in samples]) if k in samples[0] else None  # noqa: E731
         return Batch(latents=stack("latents"), text=text, text_mask=mask, image_embeds=stack("image"),
                      teacher_pixels=stack("teacher"), keys=tuple(s["key"] for s in samples))

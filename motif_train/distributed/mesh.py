@@ -32,6 +32,7 @@ class ParallelConfig:
     ac: str = "none"  # none | full | every_k | selective
     ac_every: int = 2
     compile: bool | None = None  # None: on for GPU, off for CPU
+    compile_dynamic: bool | None = None  # None: batch/sequence dims dynamic; False: static; True: all dims
     backend: str = "auto"  # auto: nccl on GPU, gloo on CPU
     timeout_min: int = 30
 

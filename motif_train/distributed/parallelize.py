@@ -1,17 +1,32 @@
 """Apply activation checkpointing, torch.compile and FSDP2 to the DiT, block by block.
 
-Order (torchtitan's): AC wraps each block, compile compiles each (wrapped) block, then
-`fully_shard` makes each block an FSDP unit and the root the last one. Tied Shared
-Cross-Attention parameters live inside their block, so they stay in that block's unit.
+Per block: compile replaces the block's `forward`, AC wraps the block, `fully_shard` makes the
+(wrapped) block an FSDP unit, and the root the last one. FSDP's hooks and the checkpoint stay
+eager around the compiled forward. Tied Shared Cross-Attention parameters live inside their block,
+so they stay in that block's unit.
 
 AC modes (`parallel.ac`): `none`; `full` (every block recomputed in backward); `every_k`
 (every k-th block); `selective` (every block, but the outputs of the fused attention ops are
 kept, so backward recomputes only the linear layers / norms / RoPE around them: at 720p
 attention is most of a block's FLOPs and a small part of its activations).
+
+Compile (`parallel.compile`, `parallel.compile_dynamic`): one `torch.compile(fullgraph=True)`
+function per block CLASS (`DualStreamBlock.forward`, `SingleStreamBlock.forward`), so each class
+has its own dynamo cache; blocks of one class share graphs. Inputs are made contiguous first (the
+model hands blocks slices such as `h[:, :n]`, whose strides would otherwise be guarded on). A
+graph is compiled the first time a block class sees a new *variant*: its sub-module structure
+(with / without cross-attention), `mask` None vs a tensor (DDT decoder blocks, or a micro-batch
+without padding when the objective drops the mask), RoPE (N, Dh) vs TREAD-gathered (B, K, Dh),
+the python `img_len` (0 vs the image-token count), a dtype, or a dimension of size 1. With
+`compile_dynamic=None` (default) the batch and sequence dims (video tokens N / kept K, context
+L, mask) are marked dynamic from the first call, so a new bucket, a new text pad length
+(`data.text_pad_to`) or new TREAD ids never recompile. `False`: static shapes, one graph per
+variant x (bucket, text pad length, micro-batch size); `True`: `dynamic=True` (every dim).
 """
 
 from __future__ import annotations
 
+import types
 import warnings
 
 import torch
@@ -85,13 +100,56 @@ def apply_ac(model: nn.Module, mode: str, every: int = 2) -> int:
     return n
 
 
-def apply_compile(model: nn.Module, **kwargs) -> None:
-    """`torch.compile` each block in place (module names unchanged). Shapes change only with the
-    bucket, and TREAD keeps K fixed per shape, so routing adds no recompiles."""
+# One compiled function per (block class, torch.compile options): dynamo keeps its cache on the code
+# object, so DualStreamBlock and SingleStreamBlock get separate caches and recompile limits.
+_COMPILED: dict = {}
+
+
+def _compiled_forward(cls: type, opts: tuple):
+    key = (cls, opts)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(cls.forward, **dict(opts))
+    return _COMPILED[key]
+
+
+def _mark(t: torch.Tensor | None, dims: tuple[int, ...]) -> torch.Tensor | None:
+    if t is None:
+        return None
+    t = t.contiguous()
+    for d in dims:
+        torch._dynamo.maybe_mark_dynamic(t, d % t.dim())
+    return t
+
+
+def _block_forward(self, x, ctx, temb, mask, rope, img_len=0):
+    """Installed as a compiled block's `forward` (a bound method, so deepcopy rebinds it): contiguous
+    inputs, batch / sequence dims marked dynamic (`compile_dynamic=None`), then the class's graph."""
+    if self._motif_mark_dynamic:
+        x, ctx, temb = _mark(x, (0, 1)), _mark(ctx, (0, 1)), _mark(temb, (0,))
+        mask = _mark(mask, (0, -1))
+        if rope is not None:
+            rope = tuple(_mark(r, (0, 1) if r.dim() == 3 else (0,)) for r in rope)
+    else:
+        x, ctx, temb = x.contiguous(), ctx.contiguous(), temb.contiguous()
+        mask = None if mask is None else mask.contiguous()
+        rope = None if rope is None else tuple(r.contiguous() for r in rope)
+    return self._motif_compiled(self, x, ctx, temb, mask, rope, img_len)
+
+
+def apply_compile(model: nn.Module, dynamic: bool | None = None, **kwargs) -> None:
+    """Compile each block's forward in place (module and parameter names unchanged), before or after
+    `apply_ac`. `dynamic`: `parallel.compile_dynamic` (module docstring); `kwargs` go to
+    `torch.compile` (`backend=...`; `fullgraph=True` unless given)."""
+    kwargs.setdefault("fullgraph", True)
+    opts = tuple(sorted({**kwargs, "dynamic": dynamic}.items(), key=lambda kv: kv[0]))
+    # Variants per class are few (module docstring); the limit only guards against a runaway.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for blocks in _block_lists(model):
         for blk in blocks:
-            blk.compile(**kwargs)
+            inner = getattr(blk, "_checkpoint_wrapped_module", blk)
+            inner._motif_compiled = _compiled_forward(type(inner), opts)
+            inner._motif_mark_dynamic = dynamic is None
+            inner.forward = types.MethodType(_block_forward, inner)
 
 
 def mixed_precision(cfg: ParallelConfig, device: torch.device) -> MixedPrecisionPolicy:
@@ -130,14 +188,14 @@ warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a v
 
 def parallelize_model(model: nn.Module, cfg: ParallelConfig, mesh: DeviceMesh, device: torch.device, *,
                       mp: MixedPrecisionPolicy | None = None) -> dict:
-    """AC -> compile -> FSDP2, per `cfg`. Returns a summary for logging.
+    """compile -> AC -> FSDP2, per `cfg`. Returns a summary for logging.
 
     `mp` replaces the policy `mixed_precision(cfg, device)` would build (tests compare policies).
     """
-    n_ac = apply_ac(model, cfg.ac, cfg.ac_every)
     compile_on = cfg.compile if cfg.compile is not None else device.type == "cuda"
     if compile_on:
-        apply_compile(model)
+        apply_compile(model, dynamic=cfg.compile_dynamic)
+    n_ac = apply_ac(model, cfg.ac, cfg.ac_every)
     mp = mp or mixed_precision(cfg, device)
     apply_fsdp(model, mesh, mp, reshard_after_forward=cfg.reshard_after_forward)
     return {"ac": cfg.ac, "ac_blocks": n_ac, "compile": compile_on, "param_dtype": str(mp.param_dtype),
