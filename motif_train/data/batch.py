@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import torch
@@ -22,7 +23,8 @@ def pad_length(longest: int, pad_to: list[int] | tuple[int, ...], key: str = "da
 
 def check_pad_to(pad_to, key: str = "data.text_pad_to") -> list[int]:
     """`pad_to` as a sorted list of distinct ints >= 1; raises naming `key` otherwise."""
-    vals = list(pad_to) if isinstance(pad_to, (list, tuple)) else None
+    # Any sequence but a string: Hydra hands the config's list over as a ListConfig.
+    vals = list(pad_to) if isinstance(pad_to, Sequence) and not isinstance(pad_to, str) else None
     if not vals or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in vals):
         raise ValueError(f"{key}={pad_to!r} must be a non-empty list of text lengths >= 1 (e.g. [64, 128, 256, 512])")
     return sorted(set(vals))

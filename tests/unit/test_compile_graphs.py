@@ -91,3 +91,14 @@ def test_pad_text_picks_the_smallest_length_and_names_the_key():
     assert text.shape == (2, 16, 2) and mask.sum(1).tolist() == [3, 9] and not text[0, 3:].any()
     with pytest.raises(ValueError, match="data.text_pad_to"):
         pad_text([torch.ones(40, 2)], [8, 16, 32])
+
+
+def test_pad_to_accepts_the_list_hydra_passes():
+    from omegaconf import OmegaConf
+
+    from motif_train.data.batch import check_pad_to
+
+    assert check_pad_to(OmegaConf.create([128, 64, 64])) == [64, 128]  # a ListConfig, as from configs/data/*.yaml
+    for bad in ("64", [], [0, 64], [True]):
+        with pytest.raises(ValueError, match="data.text_pad_to"):
+            check_pad_to(bad)
