@@ -37,8 +37,11 @@ demo: install
 	OMP_NUM_THREADS=2 $(BIN)/python scripts/demo_spine.py --out runs/demo_spine
 	$(BIN)/python scripts/demo.py --run-dir runs/demo
 
+# The single-process unit tests on two workers (one per core); the torchrun / gloo tests start two
+# ranks each, so they run one at a time.
 test: install
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests/unit -n 2
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests/distributed tests/faults tests/smoke
 
 test-fast: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests/unit -x -q

@@ -130,7 +130,12 @@ def test_log_25_steps_offline(wandb_env, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
     assert logger.close() is None  # idempotent
 
-    # the offline run's transaction log holds the namespaced history keys
+    # the offline run's transaction log holds the namespaced history keys. `finish` can return before
+    # the wandb service has flushed the file (seen on a loaded machine: only its 7-byte header);
+    # `teardown` waits for the service to exit, so the file is complete.
+    import wandb
+
+    wandb.teardown()
     (wandb_file,) = logger.wandb_dir.glob("run-*.wandb")
     blob = wandb_file.read_bytes()
     for key in (b"loss/denoise", b"loss/sigma_q1", b"perf/mfu", b"sched/lr", b"event/stage", b"val/sample"):
