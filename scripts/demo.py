@@ -5,7 +5,7 @@
     3. motif-preprocess  clips -> latents, text / image embeddings, teacher pixels -> bucket shards
     4. motif-plan        the bucket-balanced plan report for stage 0 (utilization vs naive)
     5. torchrun --nproc_per_node=2 -m motif_train.train experiment=tiny_cpu   (2 stages, REPA, TREAD)
-         -> SIGKILL of every rank after step 10 (a crash, not a clean preemption)
+         -> SIGKILL of every rank once step 8 is logged (a crash, not a clean preemption)
          -> the same command again: resume=auto picks the newest complete checkpoint and finishes
 """
 
@@ -50,7 +50,9 @@ def prepare_data(root: Path, n_clips: int, env: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run-dir", default="runs/demo")
-    ap.add_argument("--kill-after", type=int, default=10, help="kill every rank once this step is logged")
+    ap.add_argument("--kill-after", type=int, default=8,
+                    help="kill every rank once this step is logged (steps reach the live metrics copy at each "
+                         "log step: every 4 in tiny_cpu; 8 lies between the checkpoints of steps 6 and 12)")
     ap.add_argument("--clips", type=int, default=32, help="number of generated clips")
     ap.add_argument("--synthetic", action="store_true", help="skip steps 1-4 and train on synthetic data")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides")
