@@ -44,3 +44,18 @@ def inputs(cfg: MotifDiTConfig, *, b: int = 2, f: int = 3, h: int = 8, w: int = 
 
 def route(start: int, end: int, ratio: float) -> RoutingConfig:
     return RoutingConfig(start=start, end=end, ratio=ratio)
+
+
+def encoded_batch(encoders, *, seed: int, width: int, prompts=("a red ball rolls", "two boxes"),
+                  max_length: int = 16):
+    """A 2-sample Batch of random 9 x 64 x `width` clips through the tiny encoders (VAE latents, text,
+    SigLIP frame-0 tokens, REPA teacher pixels)."""
+    from motif_train.data import Batch
+    from motif_train.objectives.repa import teacher_pixels
+
+    g = torch.Generator().manual_seed(seed)
+    clip = torch.rand(2, 3, 9, 64, width, generator=g) * 2 - 1  # 9 frames -> 3 latent frames
+    text, mask = encoders.text.encode(list(prompts), max_length=max_length)
+    return Batch(latents=encoders.vae.encode(clip), text=text, text_mask=mask,
+                 image_embeds=encoders.image.encode(clip[:, :, 0]),
+                 teacher_pixels=teacher_pixels(clip, encoders.teacher.crop_size), keys=("a", "b"))

@@ -9,7 +9,7 @@ from motif_train.flops import flop_table, main
 from motif_train.models import RoutingConfig, load_model_config
 from motif_train.models.flops import count_with_flop_counter, latent_shape, model_flops
 
-from ._model_utils import tiny
+from ._model_utils import encoded_batch, tiny
 
 
 @pytest.mark.parametrize("routing", [None, RoutingConfig(1, 3, 0.5), RoutingConfig(4, 5, 0.3)],
@@ -87,17 +87,7 @@ def _counted(fn) -> int:
 
 
 def _micro_batch(encoders):
-    import torch
-
-    from motif_train.data import Batch
-    from motif_train.objectives.repa import teacher_pixels
-
-    g = torch.Generator().manual_seed(0)
-    clip = torch.rand(2, 3, 9, 64, 96, generator=g) * 2 - 1
-    text, mask = encoders.text.encode(["a red ball rolls", "two boxes"], max_length=11)
-    return Batch(latents=encoders.vae.encode(clip), text=text, text_mask=mask,
-                 image_embeds=encoders.image.encode(clip[:, :, 0]),
-                 teacher_pixels=teacher_pixels(clip, encoders.teacher.crop_size), keys=("a", "b"))
+    return encoded_batch(encoders, seed=0, width=96, max_length=11)
 
 
 def test_teacher_analytic_matches_counter(encoders):

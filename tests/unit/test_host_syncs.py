@@ -13,6 +13,7 @@ GPU `test_micro_step_cuda_sync_debug` lets CUDA itself refuse any synchronizing 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections import Counter
 from contextlib import ExitStack
 
@@ -25,9 +26,8 @@ from motif_train.data import Batch
 from motif_train.models import RoutingConfig
 from motif_train.objectives import DiffusionObjective, ObjectiveConfig, total_loss
 from motif_train.objectives.encoders import build_tiny_encoders, load_encoders
-from motif_train.objectives.repa import teacher_pixels
 
-from ._model_utils import randomized, tiny
+from ._model_utils import encoded_batch, randomized, tiny
 
 READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "__complex__", "cpu", "__format__"}
 DATA_DEPENDENT = {"nonzero", "argwhere", "bincount", "unique", "unique_consecutive", "masked_select"}
@@ -122,14 +122,10 @@ def encoders(tmp_path_factory):
 
 
 def _batch(encoders, *, pad: bool) -> Batch:
-    g = torch.Generator().manual_seed(0)
-    clip = torch.rand(2, 3, 9, 64, 64, generator=g) * 2 - 1
-    text, mask = encoders.text.encode(["a red ball rolls down", "two"], max_length=16)
+    batch = encoded_batch(encoders, seed=0, width=64, prompts=("a red ball rolls down", "two"))
     if not pad:  # every position a real token (as for prompts of one length, trimmed by the loader)
-        mask = torch.ones_like(mask)
-    return Batch(latents=encoders.vae.encode(clip), text=text, text_mask=mask,
-                 image_embeds=encoders.image.encode(clip[:, :, 0]),
-                 teacher_pixels=teacher_pixels(clip, encoders.teacher.crop_size), keys=("a", "b"))
+        batch = dataclasses.replace(batch, text_mask=torch.ones_like(batch.text_mask))
+    return batch
 
 
 @pytest.mark.parametrize("i2v, pad, dropout", [(1.0, True, 0.5), (0.0, True, 0.0), (0.0, False, 1.0),

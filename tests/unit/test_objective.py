@@ -11,9 +11,8 @@ from motif_train.objectives import DiffusionObjective, ObjectiveConfig, total_lo
 from motif_train.objectives.conditioning import ConditioningConfig, timestep_blur
 from motif_train.objectives.encoders import build_tiny_encoders, load_encoders
 from motif_train.objectives.flow import FlowConfig, sample_sigmas
-from motif_train.objectives.repa import teacher_pixels
 
-from ._model_utils import randomized, tiny
+from ._model_utils import encoded_batch, randomized, tiny
 
 
 @pytest.fixture(scope="module")
@@ -25,12 +24,7 @@ def encoders(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def batch(encoders):
-    g = torch.Generator().manual_seed(0)
-    clip = torch.rand(2, 3, 9, 64, 96, generator=g) * 2 - 1  # 9 frames -> 3 latent frames, 8x12 latents
-    latents = encoders.vae.encode(clip)
-    text, mask = encoders.text.encode(["a red ball rolls", "two boxes"], max_length=16)
-    return Batch(latents=latents, text=text, text_mask=mask, image_embeds=encoders.image.encode(clip[:, :, 0]),
-                 teacher_pixels=teacher_pixels(clip, encoders.teacher.crop_size), keys=("a", "b"))
+    return encoded_batch(encoders, seed=0, width=96)  # 8x12 latents
 
 
 class Counting(torch.nn.Module):
@@ -70,12 +64,7 @@ def test_named_terms_and_backward(tiny_cfg, encoders, batch):
 
 def _square_batch(encoders):
     """64x64 clip: DiT grid (3, 4, 4) == teacher map (5 tubelets, 4x4), so matching is pure indexing."""
-    g = torch.Generator().manual_seed(1)
-    clip = torch.rand(2, 3, 9, 64, 64, generator=g) * 2 - 1
-    text, mask = encoders.text.encode(["a red ball rolls", "two boxes"], max_length=16)
-    return Batch(latents=encoders.vae.encode(clip), text=text, text_mask=mask,
-                 image_embeds=encoders.image.encode(clip[:, :, 0]),
-                 teacher_pixels=teacher_pixels(clip, encoders.teacher.crop_size), keys=("a", "b"))
+    return encoded_batch(encoders, seed=1, width=64)
 
 
 def _hand_repa(proj, teacher, ids):
