@@ -89,7 +89,7 @@ def micro_flops(config: MotifDiTConfig, batch: Batch, fed: ObjectiveOutput,
     return model, teacher
 
 
-def video_tokens(config: MotifDiTConfig, batch: Batch) -> int:
+def batch_video_tokens(config: MotifDiTConfig, batch: Batch) -> int:
     return num_video_tokens(config, tuple(batch.latents.shape[2:])) * len(batch)
 
 

@@ -35,7 +35,7 @@ from motif_train.models.convert import check_tied_copies, drop_tied_duplicates, 
 from motif_train.objectives import DiffusionObjective, ObjectiveConfig, ObjectiveOutput, total_loss
 from motif_train.objectives.objective import mask_has_padding
 from motif_train.optim import build_lr_scheduler, build_optimizer
-from motif_train.step_stats import StepClock, StepLog, control_reduce, micro_flops, video_tokens
+from motif_train.step_stats import StepClock, StepLog, batch_video_tokens, control_reduce, micro_flops
 from motif_train.utils import stable_seed
 
 
@@ -347,7 +347,7 @@ class Trainer:
                 sums[k] = sums.get(k, 0) + (torch.zeros_like(v) if pad else v)
             fl, tf = micro_flops(cfg, batch, fed, self.teacher_config)  # what this micro-batch ran
             flops, teacher_flops = flops + fl, teacher_flops + tf
-            tokens += 0 if pad else video_tokens(cfg, batch)
+            tokens += 0 if pad else batch_video_tokens(cfg, batch)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip or float("inf"))
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
