@@ -12,7 +12,7 @@ TORCH_WHEELS ?= /opt/wheels
 LOCK   := $(UV) pip compile --quiet --generate-hashes --python-version 3.11 \
           --python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" -c constraints.txt
 
-.PHONY: install install-gpu lock demo test test-fast bench flops sky clean
+.PHONY: install install-gpu install-gpu-fa4 lock demo test test-fast bench flops sky clean
 
 install: $(STAMP)
 
@@ -26,10 +26,15 @@ $(STAMP): locks/cpu.txt locks/bootstrap.txt pyproject.toml launch/install.sh
 install-gpu:
 	PYTHON=$(PYTHON) launch/install.sh gpu $(VENV)
 
+# ...plus the FlashAttention-4 kernels (model.flash_impl=fa4, Hopper / Blackwell).
+install-gpu-fa4:
+	PYTHON=$(PYTHON) launch/install.sh gpu-fa4 $(VENV)
+
 # Re-resolve every lock from pyproject.toml (needs uv: run `make install` first). Review the diff.
 lock:
 	$(LOCK) pyproject.toml locks/build.in --extra dev -c locks/cpu-torch.txt --find-links $(TORCH_WHEELS) -o locks/cpu.txt
 	$(LOCK) pyproject.toml locks/build.in --extra dev -c locks/gpu-torch.txt -o locks/gpu.txt
+	$(LOCK) pyproject.toml locks/build.in --extra dev --extra fa4 -c locks/gpu.txt -o locks/gpu-fa4.txt
 	$(LOCK) locks/sky.in -o locks/sky.txt
 	echo uv | $(LOCK) - -c locks/cpu.txt -o locks/bootstrap.txt
 

@@ -31,9 +31,9 @@ from motif_train.ema import EMA, clean_name
 from motif_train.guard import DivergedError, resume_hint, weight_stats, weights_problem
 from motif_train.metrics import MetricsLogger, Profiler
 from motif_train.models import MotifDiT, RoutingConfig
+from motif_train.models.attention_backends import activate_flash_impl, check_backend
 from motif_train.models.convert import check_tied_copies, drop_tied_duplicates, load_diffusers_folder
 from motif_train.objectives import DiffusionObjective, ObjectiveConfig, ObjectiveOutput, total_loss
-from motif_train.objectives.objective import mask_has_padding
 from motif_train.optim import build_lr_scheduler, build_optimizer
 from motif_train.step_stats import StepClock, StepLog, batch_video_tokens, control_reduce, micro_flops
 from motif_train.utils import stable_seed
@@ -70,7 +70,9 @@ class Trainer:
         obj = cfg.objective
         self.objective = DiffusionObjective(
             ObjectiveConfig(flow=obj.flow, conditioning=obj.conditioning, repa=obj.repa, seed=cfg.train.seed),
-            empty_text=self.empty_text, teacher=self.teacher)
+            empty_text=self.empty_text, teacher=self.teacher, text_pad_to=getattr(self.data, "text_pad_to", None),
+            # compiled sdpa blocks: one graph with the mask, not a second one for unpadded micro-batches
+            drop_unpadded_mask=not (self.parallel_info["compile"] and self.model.config.attention_backend == "sdpa"))
         self.checkpointer = CheckpointManager(cfg.checkpoint, self.run_dir, rank=self.dist.rank,
                                               world_size=self.dist.world_size, device=self.device,
                                               timeout=cfg.parallel.timeout)
@@ -135,6 +137,8 @@ class Trainer:
         spec = self.cfg.model
         config = spec.dit_config()
         config.routing = RoutingConfig(ratio=0.0)  # the curriculum sets the route per stage
+        check_backend(config.attention_backend, config.flash_impl, self.device)  # before any GPU work
+        activate_flash_impl(config.flash_impl)
         with torch.device("meta"):
             model = MotifDiT(config)
         info = parallelize_model(model, self.cfg.parallel, self.mesh, self.device)
@@ -311,11 +315,10 @@ class Trainer:
         """One micro-batch; `weight` = its share of this rank's samples (micro-batches may differ in
         size), so the accumulated gradient is the mean over the rank's samples; 0 for padding.
         Returns (detached terms and metrics, the loss-term keys, the objective's output). No
-        device->host read: the padding question is answered on the loader's host tensor, the
-        copy to the device does not wait for the device's queue."""
-        padded = mask_has_padding(batch.text_mask)
+        device->host read: the padding question is answered from the loader's host lengths
+        (`Batch.text_lengths`), the copy to the device does not wait for the device's queue."""
         out = self.objective(self.model, batch.to(self.device, non_blocking=True), step=step, micro_step=micro,
-                             generator=self.generator(step, micro), repa=self.repa_on, text_padded=padded)
+                             generator=self.generator(step, micro), repa=self.repa_on)
         loss = total_loss(out.losses, self.objective.config.weights)
         if step in self.cfg.train.debug_nan_steps:
             loss = loss * float("nan")

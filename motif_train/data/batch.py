@@ -54,6 +54,10 @@ class Batch:
     teacher_pixels: REPA teacher input (B, 3, 2+4k, S, S) in [-1, 1] (frame 0 already
         duplicated, see `objectives.repa.teacher_pixels`), or None when REPA is off.
     keys: sample ids, for logging skipped / bad samples.
+    text_lengths: real text tokens per sample, host ints (what decides, without a device read,
+        whether attention needs a mask and how far the text can be narrowed); computed from
+        `text_mask` whenever the batch is built on the host and kept by `.to(device)`; () when
+        unknown (built on a device: the mask is then always passed).
     padding: True for a micro-batch the loader added only so every rank runs the same number of
         micro-batches (FSDP collectives must match) after it lost samples; it repeats one of the
         rank's real samples. The trainer runs it forward+backward with loss weight 0 and leaves its
@@ -67,6 +71,7 @@ class Batch:
     teacher_pixels: torch.Tensor | None = None
     keys: tuple[str, ...] = ()
     padding: bool = False
+    text_lengths: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         b = self.latents.shape[0]
@@ -75,6 +80,12 @@ class Batch:
         if self.text.shape[:2] != self.text_mask.shape or self.text.shape[0] != b:
             raise ValueError(f"Batch.text {tuple(self.text.shape)} / text_mask {tuple(self.text_mask.shape)} "
                              f"do not match batch size {b}")
+        if self.text_mask.device.type == "cpu":
+            # A host mask is the truth (also after dataclasses.replace); numpy refuses device
+            # tensors, so this can never turn into a device->host sync.
+            self.text_lengths = tuple(int(n) for n in self.text_mask.numpy().astype(bool).sum(1))
+        if self.text_lengths and len(self.text_lengths) != b:
+            raise ValueError(f"Batch.text_lengths has {len(self.text_lengths)} entries for batch size {b}")
         for name in ("image_embeds", "teacher_pixels"):
             t = getattr(self, name)
             if t is not None and t.shape[0] != b:

@@ -63,13 +63,38 @@ SDPA_OPS = _aten_ops((
 ))
 
 
+
+
+def _kernel_ops() -> frozenset:
+    """The other attention backends' kernels (model.attention_backend): FlexAttention's higher-order
+    op (what a compiled flex call is; eager flex on CPU is a composite reference, so recomputed) and
+    varlen's custom op (returns out + logsumexp)."""
+    ops = []
+    try:
+        from torch._higher_order_ops.flex_attention import flex_attention as flex_hop
+
+        ops.append(flex_hop)
+    except ImportError:
+        pass
+    try:
+        import torch.nn.attention.varlen  # noqa: F401  (registers torch.ops.torch_attn)
+
+        ops.append(torch.ops.torch_attn._varlen_attn.default)
+    except (ImportError, AttributeError):
+        pass
+    return frozenset(ops)
+
+
+ATTENTION_OPS = SDPA_OPS | _kernel_ops()
+
+
 def save_attention_policy(ctx, func, *args, **kwargs) -> CheckpointPolicy:
-    """Selective-AC policy: keep the SDPA outputs, recompute everything else.
+    """Selective-AC policy: keep the attention kernels' outputs, recompute everything else.
 
     PREFER (not MUST) recompute, so torch.compile's partitioner may still keep a cheap tensor when
     that saves memory traffic.
     """
-    return CheckpointPolicy.MUST_SAVE if func in SDPA_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    return CheckpointPolicy.MUST_SAVE if func in ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def selective_context_fn():
@@ -112,13 +137,24 @@ def _compiled_forward(cls: type, opts: tuple):
     return _COMPILED[key]
 
 
-def _mark(t: torch.Tensor | None, dims: tuple[int, ...]) -> torch.Tensor | None:
+def _mark(t: torch.Tensor | None, dims: tuple[int, ...], contiguous: bool = True) -> torch.Tensor | None:
     if t is None:
         return None
-    t = t.contiguous()
+    if contiguous:
+        t = t.contiguous()
     for d in dims:
         torch._dynamo.maybe_mark_dynamic(t, d % t.dim())
     return t
+
+
+def _mark_masks(mask, dynamic: bool):
+    """`KeyMasks` fields: tensors (sdpa's (B, 1, 1, S) bias, varlen's (B,) lengths) get their batch /
+    key dims marked; they are not made contiguous (the bias is a 16-aligned view on purpose). A
+    FlexAttention BlockMask passes as it is (its shapes follow the bucket: static)."""
+    if mask is None or not dynamic:
+        return mask
+    return type(mask)(*(_mark(m, (0, -1) if m.dim() > 1 else (0,), contiguous=False)
+                        if isinstance(m, torch.Tensor) else m for m in mask))
 
 
 def _block_forward(self, x, ctx, temb, mask, rope, img_len=0):
@@ -126,13 +162,12 @@ def _block_forward(self, x, ctx, temb, mask, rope, img_len=0):
     inputs, batch / sequence dims marked dynamic (`compile_dynamic=None`), then the class's graph."""
     if self._motif_mark_dynamic:
         x, ctx, temb = _mark(x, (0, 1)), _mark(ctx, (0, 1)), _mark(temb, (0,))
-        mask = _mark(mask, (0, -1))
         if rope is not None:
             rope = tuple(_mark(r, (0, 1) if r.dim() == 3 else (0,)) for r in rope)
     else:
         x, ctx, temb = x.contiguous(), ctx.contiguous(), temb.contiguous()
-        mask = None if mask is None else mask.contiguous()
         rope = None if rope is None else tuple(r.contiguous() for r in rope)
+    mask = _mark_masks(mask, self._motif_mark_dynamic)
     return self._motif_compiled(self, x, ctx, temb, mask, rope, img_len)
 
 

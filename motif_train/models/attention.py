@@ -8,8 +8,9 @@ sample (`(B, S, Dh)`), which TREAD routing needs: each sample keeps its own toke
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .attention_backends import attend
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 
@@ -54,14 +55,6 @@ def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     return (x.float() * cos + x_rot.float() * sin).to(x.dtype)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """SDPA over (B, S, H, Dh) inputs; mask is bool (B, 1, 1, Sk) or None. Returns (B, Sq, H*Dh)."""
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
-    )  # (B, H, Sq, Dh)
-    return out.transpose(1, 2).flatten(2, 3).to(q.dtype)
-
-
 class MotifAttention(nn.Module):
     """Joint self-attention over [video; context].
 
@@ -71,10 +64,11 @@ class MotifAttention(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int, head_dim: int, *, qk_norm: str | None, eps: float = 1e-6,
-                 context_proj: bool = False, pre_only: bool = False) -> None:
+                 context_proj: bool = False, pre_only: bool = False, backend: str = "sdpa") -> None:
         super().__init__()
         inner = heads * head_dim
         _init_qkv(self, dim, heads, head_dim, qk_norm, eps)
+        self.backend = backend
         self.to_out = None if pre_only else nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
         if context_proj:
             self.norm_added_q = nn.RMSNorm(head_dim, eps=eps)
@@ -94,8 +88,9 @@ class MotifAttention(nn.Module):
             q, k = self.norm_q(q), self.norm_k(k)
         return q, k, v
 
-    def forward(self, x: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor | None, rope: Rope | None):
-        """x (B, N, D) video (RoPE'd), ctx (B, L, D) context (no RoPE).
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, mask, rope: Rope | None):
+        """x (B, N, D) video (RoPE'd), ctx (B, L, D) context (no RoPE); mask: `KeyMasks.joint`
+        for this layout (attention_backends.build_key_masks) or None.
 
         Returns (x_out (B, N, Dinner), ctx_out (B, L, Dinner), (k, v) of the context (B, L, H, Dh)).
         The context K/V are returned so a tied cross-attention can reuse them for free.
@@ -116,7 +111,7 @@ class MotifAttention(nn.Module):
             cv = split_heads(self.add_v_proj(ctx), self.heads)
             q, k, v = torch.cat([q, cq], 1), torch.cat([k, ck], 1), torch.cat([v, cv], 1)
             ctx_kv = None  # context K/V come from add_*_proj: not what the cross-attention ties to
-        out = attend(q, k, v, mask)  # (B, N+L, Dinner)
+        out = attend(q, k, v, mask, self.backend)  # (B, N+L, Dinner)
         x_out, ctx_out = out[:, :n], out[:, n:]
         if self.to_out is not None:
             x_out = self.to_out[1](self.to_out[0](x_out))
@@ -133,9 +128,11 @@ class MotifCrossAttention(nn.Module):
     projection starts at zero so a fresh block equals one without cross-attention.
     """
 
-    def __init__(self, dim: int, heads: int, head_dim: int, *, qk_norm: str | None, eps: float = 1e-6):
+    def __init__(self, dim: int, heads: int, head_dim: int, *, qk_norm: str | None, eps: float = 1e-6,
+                 backend: str = "sdpa"):
         super().__init__()
         _init_qkv(self, dim, heads, head_dim, qk_norm, eps)
+        self.backend = backend
         inner = heads * head_dim
         self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
         self.tied = False
@@ -144,9 +141,9 @@ class MotifCrossAttention(nn.Module):
         self.to_k, self.to_v, self.norm_k = attn.to_k, attn.to_v, attn.norm_k
         self.tied = True
 
-    def forward(self, x: torch.Tensor, txt: torch.Tensor | None, txt_mask: torch.Tensor | None,
-                rope: Rope | None, txt_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """x (B, N, Dinner) query source; txt (B, T, D) normed text; txt_mask (B, 1, 1, T) or None.
+    def forward(self, x: torch.Tensor, txt: torch.Tensor | None, txt_mask, rope: Rope | None,
+                txt_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x (B, N, Dinner) query source; txt (B, T, D) normed text; txt_mask: `KeyMasks.cross` or None.
 
         `txt_kv` (B, T, H, Dh) pairs, when given, are the tied projections already computed by
         the self-attention and are used instead of projecting `txt` again. Returns (B, N, D).
@@ -163,5 +160,5 @@ class MotifCrossAttention(nn.Module):
             q = self.norm_q(q)
         if rope is not None:
             q = apply_rope(q, rope)
-        out = attend(q, k, v, txt_mask)  # (B, N, Dinner)
+        out = attend(q, k, v, txt_mask, self.backend)  # (B, N, Dinner)
         return self.to_out[1](self.to_out[0](out))

@@ -2,7 +2,8 @@
 
 Every block has the call signature ``block(x, ctx, temb, mask, rope, img_len) -> (x, ctx)``
 so the model can walk all 36 blocks in one loop and FSDP / activation checkpointing /
-compile can wrap each block the same way.
+compile can wrap each block the same way. `mask` is the `KeyMasks` of the block's sequence
+layout (built once per forward by the model, in the attention backend's form) or None.
 """
 
 from __future__ import annotations
@@ -13,24 +14,29 @@ from diffusers.models.normalization import AdaLayerNormZero, AdaLayerNormZeroSin
 from torch import nn
 
 from .attention import MotifAttention, MotifCrossAttention, Rope
+from .attention_backends import KeyMasks
 
 
-def _text_mask(mask: torch.Tensor | None, txt_len: int) -> torch.Tensor | None:
-    # The joint mask is [video | image | text]; the cross-attention sees only the text part.
-    return None if mask is None else mask[..., mask.shape[-1] - txt_len:]
+def _joint(mask: KeyMasks | None):
+    return None if mask is None else mask.joint
+
+
+def _cross(mask: KeyMasks | None):
+    return None if mask is None else mask.cross
 
 
 class DualStreamBlock(nn.Module):
     """Separate video / context weights, joint attention (diffusers `MotifVideoTransformerBlock`)."""
 
     def __init__(self, heads: int, head_dim: int, mlp_ratio: float, *, qk_norm: str | None,
-                 norm_type: str, cross_attention: bool, shared_kv: bool) -> None:
+                 norm_type: str, cross_attention: bool, shared_kv: bool, backend: str = "sdpa") -> None:
         super().__init__()
         dim = heads * head_dim
         self.norm1 = AdaLayerNormZero(dim, norm_type=norm_type)
         self.norm1_context = AdaLayerNormZero(dim, norm_type=norm_type)
-        self.attn = MotifAttention(dim, heads, head_dim, qk_norm=qk_norm, context_proj=True)
-        self.cross_attn = MotifCrossAttention(dim, heads, head_dim, qk_norm=qk_norm) if cross_attention else None
+        self.attn = MotifAttention(dim, heads, head_dim, qk_norm=qk_norm, context_proj=True, backend=backend)
+        self.cross_attn = (MotifCrossAttention(dim, heads, head_dim, qk_norm=qk_norm, backend=backend)
+                           if cross_attention else None)
         if self.cross_attn is not None and shared_kv:
             self.cross_attn.tie(self.attn)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -38,16 +44,15 @@ class DualStreamBlock(nn.Module):
         self.ff = FeedForward(dim, mult=mlp_ratio, activation_fn="gelu-approximate")
         self.ff_context = FeedForward(dim, mult=mlp_ratio, activation_fn="gelu-approximate")
 
-    def forward(self, x: torch.Tensor, ctx: torch.Tensor, temb: torch.Tensor, mask: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, temb: torch.Tensor, mask: KeyMasks | None,
                 rope: Rope | None, img_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, N, D) video, ctx (B, L, D) [image; text], temb (B, D)."""
         nx, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(x, emb=temb)  # (B, N, D)
         nc, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(ctx, emb=temb)
-        attn_out, ctx_attn_out, _ = self.attn(nx, nc, mask, rope)  # (B, N, D), (B, L, D)
+        attn_out, ctx_attn_out, _ = self.attn(nx, nc, _joint(mask), rope)  # (B, N, D), (B, L, D)
         x = x + attn_out * gate_msa.unsqueeze(1)
         if self.cross_attn is not None:
-            txt_len = ctx.shape[1] - img_len
-            x = x + self.cross_attn(attn_out, nc[:, img_len:], _text_mask(mask, txt_len), rope)
+            x = x + self.cross_attn(attn_out, nc[:, img_len:], _cross(mask), rope)
         ctx = ctx + ctx_attn_out * c_gate_msa.unsqueeze(1)
 
         nx = self.norm2(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
@@ -65,12 +70,13 @@ class SingleStreamBlock(nn.Module):
     """
 
     def __init__(self, heads: int, head_dim: int, mlp_ratio: float, *, qk_norm: str | None,
-                 norm_type: str, cross_attention: bool, shared_kv: bool) -> None:
+                 norm_type: str, cross_attention: bool, shared_kv: bool, backend: str = "sdpa") -> None:
         super().__init__()
         dim = heads * head_dim
         mlp_dim = int(dim * mlp_ratio)
-        self.attn = MotifAttention(dim, heads, head_dim, qk_norm=qk_norm, pre_only=True)
-        self.cross_attn = MotifCrossAttention(dim, heads, head_dim, qk_norm=qk_norm) if cross_attention else None
+        self.attn = MotifAttention(dim, heads, head_dim, qk_norm=qk_norm, pre_only=True, backend=backend)
+        self.cross_attn = (MotifCrossAttention(dim, heads, head_dim, qk_norm=qk_norm, backend=backend)
+                           if cross_attention else None)
         if self.cross_attn is not None and shared_kv:
             self.cross_attn.tie(self.attn)
         self.norm = AdaLayerNormZeroSingle(dim, norm_type=norm_type)
@@ -78,20 +84,18 @@ class SingleStreamBlock(nn.Module):
         self.act_mlp = nn.GELU(approximate="tanh")
         self.proj_out = nn.Linear(dim + mlp_dim, dim)
 
-    def forward(self, x: torch.Tensor, ctx: torch.Tensor, temb: torch.Tensor, mask: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, temb: torch.Tensor, mask: KeyMasks | None,
                 rope: Rope | None, img_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, N, D), ctx (B, L, D), temb (B, D); mask (B, 1, 1, N+L) bool or None."""
+        """x (B, N, D), ctx (B, L, D), temb (B, D); mask `KeyMasks` or None."""
         n = x.shape[1]
         h = torch.cat([x, ctx], dim=1)  # (B, N+L, D)
         nh, gate = self.norm(h, emb=temb)
         mlp = self.act_mlp(self.proj_mlp(nh))  # (B, N+L, Dmlp)
-        attn_out, ctx_attn_out, ctx_kv = self.attn(nh[:, :n], nh[:, n:], mask, rope)  # (B, N, D), (B, L, D)
+        attn_out, ctx_attn_out, ctx_kv = self.attn(nh[:, :n], nh[:, n:], _joint(mask), rope)  # (B, N, D), (B, L, D)
         if self.cross_attn is not None:
-            txt_len = ctx.shape[1] - img_len
             # Tied K/V: the text keys/values of the self-attention are exactly the cross-attention's.
             txt_kv = (ctx_kv[0][:, img_len:], ctx_kv[1][:, img_len:]) if self.cross_attn.tied else None
-            attn_out = attn_out + self.cross_attn(attn_out, nh[:, n + img_len:], _text_mask(mask, txt_len),
-                                                  rope, txt_kv)
+            attn_out = attn_out + self.cross_attn(attn_out, nh[:, n + img_len:], _cross(mask), rope, txt_kv)
         out = torch.cat([torch.cat([attn_out, ctx_attn_out], dim=1), mlp], dim=2)  # (B, N+L, D+Dmlp)
         h = h + gate.unsqueeze(1) * self.proj_out(out)
         return h[:, :n], h[:, n:]

@@ -73,6 +73,10 @@ class MotifDiTConfig:
     shared_kv: bool = True
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     repa: RepaConfig = field(default_factory=RepaConfig)
+    # Attention kernel (models/attention_backends.py): sdpa | flex | varlen (CUDA); flash_impl
+    # null | fa3 | fa4 swaps the flash kernel of sdpa / varlen (optional GPU package).
+    attention_backend: str = "sdpa"
+    flash_impl: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.routing, dict):
@@ -118,6 +122,9 @@ class MotifDiTConfig:
         if not 0 <= self.num_decoder_layers <= self.num_single_layers:
             raise bad("num_decoder_layers", f"{self.num_decoder_layers} must lie in [0, num_single_layers="
                       f"{self.num_single_layers}]")
+        from .attention_backends import check_backend
+
+        check_backend(self.attention_backend, self.flash_impl)
         if self.qk_norm not in ("rms_norm", "layer_norm", None):
             raise bad("qk_norm", f"{self.qk_norm!r}: use rms_norm, layer_norm or null")
         r = self.routing

@@ -20,7 +20,6 @@ import copy
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.embeddings import PixArtAlphaTextProjection
 from diffusers.models.normalization import AdaLayerNormContinuous
 from diffusers.models.transformers.transformer_motif_video import (
@@ -35,6 +34,7 @@ from torch.utils._pytree import register_dataclass
 
 from motif_train.utils import stable_seed
 
+from .attention_backends import build_key_masks
 from .blocks import DualStreamBlock, SingleStreamBlock
 from .config import MotifDiTConfig, RoutingConfig
 from .routing import gather_rope, gather_tokens, sample_keep_ids, scatter_tokens
@@ -85,13 +85,6 @@ def _assign(p: torch.Tensor, full: torch.Tensor) -> None:
     p.copy_(full.to(p.dtype))
 
 
-def joint_mask(text_mask: torch.Tensor | None, n_video: int) -> torch.Tensor | None:
-    """(B, L) context mask -> bool (B, 1, 1, N+L) with all video positions visible."""
-    if text_mask is None:
-        return None
-    return F.pad(text_mask.to(torch.bool), (n_video, 0), value=True)[:, None, None]
-
-
 class MotifDiT(nn.Module):
     def __init__(self, config: MotifDiTConfig) -> None:
         super().__init__()
@@ -103,7 +96,7 @@ class MotifDiT(nn.Module):
             self.image_embedder = MotifVideoImageProjection(in_features=c.image_embed_dim, hidden_size=d)
         self.time_text_embed = MotifVideoConditionEmbedding(d)
         self.rope = MotifVideoRotaryPosEmbed(c.patch_size, c.patch_size_t, list(c.rope_axes_dim), c.rope_theta)
-        block_kw = dict(qk_norm=c.qk_norm, norm_type=c.norm_type, shared_kv=c.shared_kv)
+        block_kw = dict(qk_norm=c.qk_norm, norm_type=c.norm_type, shared_kv=c.shared_kv, backend=c.attention_backend)
         self.transformer_blocks = nn.ModuleList([
             DualStreamBlock(c.num_attention_heads, c.attention_head_dim, c.mlp_ratio,
                             cross_attention=c.enable_text_cross_attention_dual, **block_kw)
@@ -217,9 +210,6 @@ class MotifDiT(nn.Module):
             img = self.image_embedder(image_embeds.to(dtype))  # (B, I, D)
             img_len = img.shape[1]
             ctx = torch.cat([img, ctx], dim=1)  # (B, I+T, D)
-            if encoder_attention_mask is not None:
-                ones = encoder_attention_mask.new_ones(b, img_len)
-                encoder_attention_mask = torch.cat([ones, encoder_attention_mask], dim=1)
         n = x.shape[1]
         dec = x.clone() if c.num_decoder_layers > 0 else None  # DDT query stream: fresh patch embedding
 
@@ -232,7 +222,8 @@ class MotifDiT(nn.Module):
         if return_repa and self.repa_projector is None:
             raise ValueError("return_repa=True but the model has no REPA head: set model.repa.block")
 
-        full_mask = joint_mask(encoder_attention_mask, n)
+        # Key padding in the backend's form, once per layout (full N here, routed K below), not per call.
+        full_mask = build_key_masks(c.attention_backend, encoder_attention_mask, n, img_len, dtype)
         mask, blk_rope = full_mask, rope
         saved = None
         repa_tokens = repa_ids = None
@@ -247,7 +238,8 @@ class MotifDiT(nn.Module):
                 if idx >= enc_end:  # in the decoder the context is video too: route it with the same ids
                     ctx = gather_tokens(ctx, ids)
                 blk_rope = gather_rope(rope, ids)  # 2 x (B, K, Dh)
-                mask = joint_mask(encoder_attention_mask, ids.shape[1]) if idx < enc_end else None
+                mask = (build_key_masks(c.attention_backend, encoder_attention_mask, ids.shape[1], img_len, dtype)
+                        if idx < enc_end else None)
             x, ctx = block(x, ctx, temb, mask, blk_rope, img_len)
             if return_repa and idx == c.repa.block:
                 inside = ids is not None and r.start <= idx <= r.end

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from motif_train.data.batch import Batch
+from motif_train.data.batch import Batch, pad_length
 
 from .conditioning import (
     ConditioningConfig,
@@ -70,19 +70,6 @@ class ObjectiveOutput:
     repa: bool = False
 
 
-def mask_has_padding(mask: torch.Tensor | None) -> bool | None:
-    """Whether a (B, L) text mask has any padding, as a python bool, for a mask on the host;
-    None for a mask on an accelerator (unknown: finding out there is a device->host read).
-
-    Read through numpy, which refuses device tensors, so this can never become a device sync.
-    The trainer calls it on the loader's CPU batch before moving it to the device."""
-    if mask is None:
-        return False
-    if mask.device.type != "cpu":
-        return None
-    return not bool(mask.numpy().all())
-
-
 def total_loss(losses: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
     """Σ weight·term over the terms present; an unknown term is an error, not a silent 0."""
     unknown = set(losses) - set(weights)
@@ -100,29 +87,55 @@ class DiffusionObjective:
     """
 
     def __init__(self, config: ObjectiveConfig, *, empty_text: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 teacher: nn.Module | None = None) -> None:
+                 teacher: nn.Module | None = None, text_pad_to: list[int] | None = None,
+                 drop_unpadded_mask: bool = True) -> None:
+        """`text_pad_to`: the data's pad lengths (`data.text_pad_to`), so a micro-batch whose
+        captions were all dropped is narrowed to the empty prompt's pad length (None: to its exact
+        length). `drop_unpadded_mask`: pass no mask when nothing is padded (SDPA's mask-free
+        kernel); False keeps one graph per block under compile with the sdpa backend."""
         self.config = config
         self.empty_text = empty_text
         self.teacher = teacher
+        self.text_pad_to = sorted(text_pad_to) if text_pad_to else None
+        self.drop_unpadded_mask = drop_unpadded_mask
         if config.conditioning.text_dropout > 0 and empty_text is None:
             raise ValueError("conditioning.text_dropout > 0 needs the empty-prompt embedding (empty_text=...)")
-        # Host facts about the empty prompt, read once here (start-up), not per micro-batch: a
-        # dropped row's mask is all True only for L <= this length (-1: the mask has a 0).
-        self._empty_full = -1
-        if empty_text is not None and bool(empty_text[1].bool().all()):
-            self._empty_full = int(empty_text[1].shape[0])
+        # The empty prompt's real length, read once here (start-up), not per micro-batch.
+        self._empty_len = int(empty_text[1].bool().sum()) if empty_text is not None else 0
+
+    def text_for_model(self, batch: Batch, dropped: list[bool]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(text (B, L', C), mask (B, L') or None) after CFG dropout, decided on the host.
+
+        Dropped rows get the empty prompt; L' is the pad length of the longest real caption left
+        (all dropped: the empty prompt's), never more than L, so a dropped caption at batch 1 does
+        not carry 512 zero tokens. The mask is None when no row is padded at L' and
+        `drop_unpadded_mask`: only real padding sends attention to a masked kernel.
+        """
+        text, text_mask = batch.text, batch.text_mask
+        width = text.shape[1]
+        if any(dropped):
+            text, text_mask, _ = apply_text_dropout(text, text_mask, self.config.conditioning.text_dropout,
+                                                    *self.empty_text, dropped=dropped)
+        if not batch.text_lengths:
+            return text, text_mask
+        lengths = [min(self._empty_len, width) if d else n for d, n in zip(dropped, batch.text_lengths, strict=True)]
+        longest = max(max(lengths), 1)
+        narrow = min(width, pad_length(longest, self.text_pad_to) if self.text_pad_to else longest)
+        if narrow < width:
+            text, text_mask = text[:, :narrow].contiguous(), text_mask[:, :narrow].contiguous()
+        if self.drop_unpadded_mask and min(lengths) == narrow:
+            text_mask = None  # nothing padded: SDPA may pick its fastest (mask-free) kernel
+        return text, text_mask
 
     def repa_active(self, step: int) -> bool:
         return self.teacher is not None and self.config.repa.active(step)
 
     def __call__(self, model: nn.Module, batch: Batch, *, step: int, micro_step: int = 0,
-                 generator: torch.Generator | None = None, repa: bool = True,
-                 text_padded: bool | None = None) -> ObjectiveOutput:
+                 generator: torch.Generator | None = None, repa: bool = True) -> ObjectiveOutput:
         """One micro-batch. `repa=False` switches REPA off for this call (e.g. the curriculum stage
-        has it off) on top of the `repa.until_step` cut-off. `text_padded`: whether
-        `batch.text_mask` has padding, worked out on the host before the batch was moved to the
-        device (`mask_has_padding`); None: from the mask here if it is on the host, else unknown
-        (the mask is then always passed: right, maybe a slower attention kernel)."""
+        has it off) on top of the `repa.until_step` cut-off. The text is narrowed and its mask
+        dropped from `batch.text_lengths` (host ints, `text_for_model`); without them the mask is
+        always passed (right, at worst a slower kernel)."""
         c = self.config
         x0 = batch.latents.float()  # (B, 16, F, H, W)
         b, _, f, h, w = x0.shape
@@ -143,16 +156,8 @@ class DiffusionObjective:
             cond, cmask = build_t2v_condition(x0)
             image_embeds = None
 
-        text, text_mask = batch.text, batch.text_mask
-        padded = text_padded if text_padded is not None else mask_has_padding(text_mask)
         dropped = draw_text_dropout(b, c.conditioning.text_dropout, generator)
-        if any(dropped):
-            text, text_mask, _ = apply_text_dropout(text, text_mask, c.conditioning.text_dropout,
-                                                    *self.empty_text, dropped=dropped)
-            if padded is not None:  # a dropped row is padded unless the empty prompt fills all L
-                padded = (padded and not all(dropped)) or text.shape[1] > self._empty_full
-        if text_mask is not None and padded is False:
-            text_mask = None  # nothing padded: lets SDPA pick its fastest (mask-free) kernel
+        text, text_mask = self.text_for_model(batch, dropped)
         use_repa = repa and self.repa_active(step)
         if use_repa and batch.teacher_pixels is None:
             raise ValueError(f"REPA is active at step {step} but the batch has no teacher_pixels; "

@@ -102,3 +102,29 @@ def test_pad_to_accepts_the_list_hydra_passes():
     for bad in ("64", [], [0, 64], [True]):
         with pytest.raises(ValueError, match="data.text_pad_to"):
             check_pad_to(bad)
+
+
+@pytest.mark.parametrize("drop_unpadded_mask, graphs", [(False, 4), (True, 7)])
+def test_compiled_sdpa_keeps_one_mask_variant(tiny_cfg, drop_unpadded_mask, graphs):
+    """Through the objective, micro-batches with and without padding: with the mask always passed
+    (what the trainer sets for compiled sdpa blocks) the graph set stays at the 4 variants; dropping
+    the mask of unpadded micro-batches adds a mask-free graph to each of the 3 text-attending variants, compiled
+    at whichever step first has no padding — a different step on each rank."""
+    from motif_train.data import Batch
+    from motif_train.objectives.objective import DiffusionObjective, ObjectiveConfig
+
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = tiny(tiny_cfg, routing=RoutingConfig(1, 3, 0.5))
+    m = randomized(cfg).train()
+    apply_compile(m, backend="eager")
+    apply_ac(m, "selective")
+    obj = DiffusionObjective(ObjectiveConfig(conditioning={"text_dropout": 0.0, "i2v_prob": 0.0}, repa={"weight": 0.0}),
+                             text_pad_to=list(PAD_TO), drop_unpadded_mask=drop_unpadded_mask)
+    for step, lens in enumerate([(7, 3), (8, 8), (5, 6), (8, 8)]):  # (8, 8): nothing padded at length 8
+        g = torch.Generator().manual_seed(step)
+        text, mask = pad_text([torch.randn(n, cfg.text_embed_dim, generator=g) for n in lens], PAD_TO)
+        batch = Batch(latents=torch.randn(2, 16, 3, 8, 12, generator=g), text=text, text_mask=mask)
+        obj(m, batch, step=step, generator=g).losses["denoise"].backward()
+    assert sum(_entries().values()) == graphs
+    torch._dynamo.reset()

@@ -148,29 +148,9 @@ def test_micro_step_reads_nothing_back(tiny_cfg, encoders, i2v, pad, dropout):
     assert c.events == []
 
 
-def test_unpadded_text_runs_without_a_mask(tiny_cfg, encoders):
-    """The padding decision is made on the host, and still reaches the model: no mask when no row is
-    padded (and none was dropped), the mask otherwise."""
-    model = randomized(tiny(tiny_cfg)).train()
-    seen = {}
-    model.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
-    empty = encoders.text.encode([""], max_length=16)
-    for pad, dropout, masked in ((False, 0.0, False), (True, 0.0, True), (False, 1.0, True)):
-        obj = DiffusionObjective(ObjectiveConfig(conditioning={"text_dropout": dropout}, repa={"weight": 0.0}),
-                                 empty_text=(empty[0][0], empty[1][0]))
-        obj(model, _batch(encoders, pad=pad), step=0, generator=torch.Generator().manual_seed(1))
-        assert (seen["encoder_attention_mask"] is not None) is masked, (pad, dropout)
-    # A device batch without the host's answer keeps its mask (right, at worst a slower kernel).
-    obj = DiffusionObjective(ObjectiveConfig(conditioning={"text_dropout": 0.0}, repa={"weight": 0.0}))
-    obj(model, _batch(encoders, pad=False), step=0, text_padded=True)
-    assert seen["encoder_attention_mask"] is not None
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: sync debug mode")
 def test_micro_step_cuda_sync_debug(tiny_cfg, encoders):
     """On a GPU, CUDA's own check: any synchronizing call (a read, a blocking copy) raises."""
-    from motif_train.objectives.objective import mask_has_padding
-
     dev = torch.device("cuda")
     model = randomized(tiny(tiny_cfg, routing=RoutingConfig(1, 3, 0.5))).train().to(dev)
     teacher = copy.deepcopy(encoders.teacher).to(dev)
@@ -180,13 +160,12 @@ def test_micro_step_cuda_sync_debug(tiny_cfg, encoders):
                         repa={"weight": 0.5}),
         empty_text=(empty[0][0].to(dev), empty[1][0].to(dev)), teacher=teacher)
     host = _batch(encoders, pad=True)
-    padded = mask_has_padding(host.text_mask)
     batch = host.pin_memory().to(dev, non_blocking=True)
     gen = torch.Generator(dev).manual_seed(3)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out = obj(model, batch, step=1, generator=gen, text_padded=padded)
+        out = obj(model, batch, step=1, generator=gen)  # text_lengths: host ints, kept by .to()
         total_loss(out.losses, obj.config.weights).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -30,7 +30,7 @@ def _declared() -> list[Requirement]:
     return [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]]
 
 
-@pytest.mark.parametrize("lock", ["cpu.txt", "gpu.txt"])
+@pytest.mark.parametrize("lock", ["cpu.txt", "gpu.txt", "gpu-fa4.txt"])
 def test_lock_pins_every_declared_dependency(lock):
     pins = _pins(LOCKS / lock)
     assert len(pins) > 50
@@ -48,6 +48,8 @@ def test_torch_builds_and_the_sky_lock():
     assert _pins(LOCKS / "cpu.txt")["torch"] == "2.13.0+cpu"
     gpu = _pins(LOCKS / "gpu.txt")
     assert gpu["torch"] == "2.13.0" and any(n.startswith("nvidia-") for n in gpu)  # the CUDA build's libraries
+    fa4 = _pins(LOCKS / "gpu-fa4.txt")  # the GPU set exactly, plus the FlashAttention-4 kernels
+    assert "flash-attn-4" in fa4 and all(fa4[n] == v for n, v in gpu.items())
     sky = _pins(LOCKS / "sky.txt")
     assert "skypilot" in sky and "wandb" not in sky  # its own venv: its click pin conflicts with wandb's
     boot = _pins(LOCKS / "bootstrap.txt")

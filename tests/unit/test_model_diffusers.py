@@ -145,8 +145,11 @@ def test_fresh_cross_attention_is_identity(tiny_cfg):
     torch.nn.init.zeros_(with_x.cross_attn.to_out[0].bias)
     without.load_state_dict({k: v for k, v in with_x.state_dict().items() if "cross_attn" not in k})
     x, ctx, temb = torch.randn(2, 10, c.inner_dim), torch.randn(2, 6, c.inner_dim), torch.randn(2, c.inner_dim)
-    mask = torch.ones(2, 1, 1, 16, dtype=torch.bool)
-    mask[0, ..., -2:] = False
+    text_mask = torch.ones(2, 4, dtype=torch.bool)  # ctx = 2 image + 4 text tokens
+    text_mask[0, -2:] = False
+    from motif_train.models.attention_backends import build_key_masks
+
+    mask = build_key_masks("sdpa", text_mask, 10, 2, torch.float32)
     rope = randomized(c).rope(torch.zeros(1, 1, 1, 2, 20))  # 1 x 1 x 10 token grid
     a = with_x(x, ctx, temb, mask, rope, 2)
     b = without(x, ctx, temb, mask, rope, 2)

@@ -136,8 +136,10 @@ def test_i2v_inputs(tiny_cfg, encoders, batch):
     obj = _objective(encoders, conditioning={"i2v_prob": 1.0, "text_dropout": 0.0, "blur_sigma_max": 0.0})
     out = obj(model, batch, step=0)
     assert out.task == "i2v"
-    # what the model was fed, for the FLOP count: the SigLIP tokens, the text width, REPA (on by default)
-    assert (out.image_tokens, out.text_tokens, out.repa) == (batch.image_embeds.shape[1], 16, True)
+    # what the model was fed, for the FLOP count: the SigLIP tokens, the text width (16, narrowed to the
+    # longest caption without data pad lengths), REPA (on by default)
+    assert batch.text.shape[1] == 16 and max(batch.text_lengths) == 13
+    assert (out.image_tokens, out.text_tokens, out.repa) == (batch.image_embeds.shape[1], 13, True)
     hs = seen["hidden_states"]
     assert hs.shape == (2, 33, 3, 8, 12)
     torch.testing.assert_close(hs[:, 16:32, 0], batch.latents[:, :, 0])  # condition = clean frame-0 latent
@@ -186,8 +188,12 @@ def test_text_dropout_feeds_empty_prompt(tiny_cfg, encoders, batch):
     obj = _objective(encoders, conditioning={"text_dropout": 1.0})
     obj(model, batch, step=0)
     empty, emask = obj.empty_text
-    assert torch.equal(seen["encoder_attention_mask"][:, :emask.shape[0]], emask.expand(2, -1))
-    torch.testing.assert_close(seen["encoder_hidden_states"][:, :empty.shape[0]], empty.expand(2, -1, -1))
+    n = int(emask.sum())
+    assert 0 < n < batch.text.shape[1]
+    # Every caption dropped: the text is the empty prompt at its real length, so nothing is padded
+    # and no mask is passed (the mask-free kernel), rather than the caption width of zeros.
+    assert seen["encoder_attention_mask"] is None and seen["encoder_hidden_states"].shape[1] == n
+    torch.testing.assert_close(seen["encoder_hidden_states"], empty[:n].expand(2, -1, -1))
 
 
 def test_same_generator_same_loss(tiny_cfg, encoders, batch):

@@ -1,0 +1,199 @@
+"""Attention kernels and the key-padding forms each one takes (`model.attention_backend`).
+
+Only keys are ever padded here: the joint sequence is [video | image | text] and a micro-batch's
+captions are zero-padded at the end of the text (`data.batch.pad_text`); every video and image
+key is always visible. So a key-padding mask per sample is all the model needs, and it is built
+ONCE per forward and sequence layout (full / TREAD-routed), never per attention call:
+
+    sdpa    `F.scaled_dot_product_attention`. Unpadded calls get no mask (flash, or FA3 / FA4 with
+            `model.flash_impl`); padded ones get an additive fp mask (B, 1, 1, Sk) in the compute
+            dtype whose last dim is stored padded to a multiple of 16, so the mem-efficient kernel
+            neither converts a bool mask nor re-pads it per call.
+    flex    FlexAttention with a `BlockMask` made from the key mask directly (no (S, S) mask is
+            ever materialised: 75k tokens at 720p): blocks wholly visible run unmasked, the one
+            partial text block per sample runs the mask_mod, wholly padded blocks are skipped.
+            Compiled on CUDA (eager flex materialises the scores); on CPU it is a forward-only
+            reference (no backward there), used by the tests.
+    varlen  `torch.nn.attention.varlen.varlen_attn` with `seqused_k`: the flash kernel reads only
+            the first `seqused_k[b]` keys of each sample, in the padded (B*S, H, Dh) layout; CUDA
+            only. `flash_impl` (FA3 / FA4) replaces the flash kernel used here as well.
+
+Every backend returns the same numbers (tests/unit/test_attention_backends.py, fp32/fp64 on
+CPU); they differ in speed and in what a compiled graph sees.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION_BACKENDS = ("sdpa", "flex", "varlen")
+FLASH_IMPLS = {"fa3": ("FA3", "flash_attn_3 (FlashAttention-3's hopper build: flash_attn_interface)"),
+               "fa4": ("FA4", "flash-attn-4 (pip install flash-attn-4; Hopper / Blackwell)")}
+FLEX_BLOCK = 128  # FlexAttention's default tile: the unit its BlockMask counts in
+
+
+class KeyMasks(NamedTuple):
+    """Key padding in the backend's form for one sequence layout; None = nothing padded.
+
+    joint: for the joint self-attention over [video | image | text] (keys N + I + T).
+    cross: for the video -> text cross-attention (keys T).
+    """
+
+    joint: Any
+    cross: Any
+
+
+def check_backend(backend: str, flash_impl: str | None, device: torch.device | str | None = None) -> None:
+    """Raise, naming the key and the fix, for a backend this build or device cannot run."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"model.attention_backend={backend!r}: use one of {', '.join(ATTENTION_BACKENDS)}")
+    if flash_impl is not None and flash_impl not in FLASH_IMPLS:
+        raise ValueError(f"model.flash_impl={flash_impl!r}: use null, {' or '.join(FLASH_IMPLS)}")
+    if device is None:
+        return
+    dev = torch.device(device)
+    if backend == "varlen" and dev.type != "cuda":
+        raise ValueError(f"model.attention_backend=varlen runs flash kernels, CUDA only (device {dev}); use "
+                         "model.attention_backend=sdpa on this device")
+    if backend == "flex" and dev.type != "cuda":
+        raise ValueError(f"model.attention_backend=flex: FlexAttention has no backward on CPU (device {dev}), so "
+                         "it cannot train here; use model.attention_backend=sdpa (flex runs forward-only on CPU)")
+    if flash_impl is not None and dev.type != "cuda":
+        raise ValueError(f"model.flash_impl={flash_impl} is a CUDA kernel (device {dev}); set model.flash_impl=null")
+
+
+def activate_flash_impl(flash_impl: str | None) -> None:
+    """Route the flash kernel of SDPA and varlen to FA3 / FA4 (process-wide), or leave it.
+
+    The kernels come from an optional package (`pip install -e .[fa4]` on a GPU machine); without
+    it this raises naming the package rather than silently training on the default kernel.
+    """
+    if flash_impl is None:
+        return
+    name, package = FLASH_IMPLS[flash_impl]
+    try:
+        torch.nn.attention.activate_flash_attention_impl(name)
+    except (ImportError, RuntimeError) as e:
+        raise RuntimeError(f"model.flash_impl={flash_impl} needs {package}: {e}. Install it on the GPU "
+                           "machine or set model.flash_impl=null") from e
+
+
+# --------------------------------------------------------------------------- mask builders
+
+
+def _sdpa_bias(key_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, S) bool -> additive (B, 1, 1, S) view of a (B, 1, 1, ceil16(S)) buffer: 0 / -inf."""
+    b, s = key_mask.shape
+    width = -(-s // 16) * 16  # the mem-efficient kernel wants 16-aligned mask strides
+    bias = torch.full((b, 1, 1, width), float("-inf"), dtype=dtype, device=key_mask.device)
+    bias[..., :s].masked_fill_(key_mask[:, None, None], 0.0)
+    return bias[..., :s]
+
+
+def prefix_block_mask(key_mask: torch.Tensor, q_len: int, block: int = FLEX_BLOCK):
+    """(B, Sk) bool key mask -> FlexAttention `BlockMask` for Sq = `q_len` queries, O(B * blocks).
+
+    A block of keys is FULL when every in-range key is visible (run without mask_mod), PARTIAL
+    when some are (mask_mod reads `key_mask`), skipped when none are. No (Sq, Sk) tensor exists.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    b, s = key_mask.shape
+    nk, nq = -(-s // block), -(-q_len // block)
+    padded = F.pad(key_mask, (0, nk * block - s), value=False).view(b, nk, block)
+    visible = padded.sum(-1)  # (B, nk) visible keys per block
+    in_range = torch.full((nk,), block, device=key_mask.device)
+    in_range[-1] = s - (nk - 1) * block
+    full = visible == in_range  # (B, nk)
+    partial = (visible > 0) & ~full
+    idx = torch.arange(nk, device=key_mask.device)
+
+    def listing(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Selected block indices first (stable), as BlockMask expects; the rest is never read.
+        order = torch.sort((~sel).to(torch.int8), dim=-1, stable=True).indices  # (B, nk)
+        count = sel.sum(-1, dtype=torch.int32)  # (B,)
+        return (count[:, None, None].expand(b, 1, nq).contiguous(),
+                idx[order].to(torch.int32)[:, None, None].expand(b, 1, nq, nk).contiguous())
+
+    kv_num, kv_idx = listing(partial)
+    full_num, full_idx = listing(full)
+
+    def mask_mod(bi, hi, qi, ki):
+        return key_mask[bi, ki]
+
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod,
+                                    seq_lengths=(q_len, s))
+
+
+def build_key_masks(backend: str, text_mask: torch.Tensor | None, n_video: int, n_image: int,
+                    dtype: torch.dtype) -> KeyMasks | None:
+    """text_mask (B, T) bool (True = real token) or None -> `KeyMasks` for `n_video` video queries.
+
+    The joint keys are [video (n_video) | image (n_image) | text (T)]; video and image keys are
+    always visible. None when `text_mask` is None (the objective passes None only when nothing is
+    padded and the backend / compile setting allows switching to the mask-free path).
+    """
+    if text_mask is None:
+        return None
+    text_mask = text_mask.to(torch.bool)
+    joint = F.pad(text_mask, (n_video + n_image, 0), value=True)  # (B, N+I+T)
+    if backend == "sdpa":
+        return KeyMasks(_sdpa_bias(joint, dtype), _sdpa_bias(text_mask, dtype))
+    if backend == "flex":
+        return KeyMasks(prefix_block_mask(joint, joint.shape[1]), prefix_block_mask(text_mask, n_video))
+    # varlen: text is padded at the end only (pad_text, text dropout), so visible keys are a prefix
+    joint_used = (text_mask.sum(-1) + n_video + n_image).to(torch.int32)  # (B,)
+    return KeyMasks(joint_used, text_mask.sum(-1).to(torch.int32))
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # Inside a compiled block dynamo traces flex_attention itself; in eager on CUDA the compiled
+    # wrapper is what runs the fused kernel. On CPU the eager reference is exact (tests).
+    fn = _compiled_flex() if q.is_cuda and not torch.compiler.is_compiling() else flex_attention
+    return fn(q, k, v, block_mask=block_mask)
+
+
+def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, used: torch.Tensor | None) -> torch.Tensor:
+    """(B, H, S, Dh) -> (B, H, Sq, Dh) through the padded varlen layout (cu_seq = multiples of S)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    b, h, sq, dh = q.shape
+    sk = k.shape[2]
+    flat = [t.transpose(1, 2).reshape(b * t.shape[2], h, dh) for t in (q, k, v)]  # (B*S, H, Dh)
+    cu_q = torch.arange(0, (b + 1) * sq, sq, dtype=torch.int32, device=q.device)
+    cu_k = torch.arange(0, (b + 1) * sk, sk, dtype=torch.int32, device=q.device)
+    out = varlen_attn(*flat, cu_q, cu_k, sq, sk, seqused_k=used)  # (B*Sq, H, Dh)
+    return out.view(b, sq, h, dh).transpose(1, 2)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, backend: str = "sdpa") -> torch.Tensor:
+    """q (B, Sq, H, Dh), k / v (B, Sk, H, Dh); `mask` from `build_key_masks` (or None).
+
+    Returns (B, Sq, H*Dh) in q's dtype.
+    """
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, Dh)
+    if backend == "sdpa":
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    elif backend == "flex":
+        out = _flex(q, k, v, mask)
+    elif backend == "varlen":
+        out = _varlen(q, k, v, mask)
+    else:
+        raise ValueError(f"model.attention_backend={backend!r}: use one of {', '.join(ATTENTION_BACKENDS)}")
+    return out.transpose(1, 2).flatten(2, 3).to(q.dtype)  # (B, Sq, H*Dh)

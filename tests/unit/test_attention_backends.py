@@ -1,0 +1,194 @@
+"""The attention path (`model.attention_backend`): every backend runs here gives the numbers of
+attention over each sample's real keys only, and a mask reaches attention only where a
+micro-batch really has padding."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from motif_train.data import Batch
+from motif_train.models import RoutingConfig
+from motif_train.models.attention_backends import (
+    activate_flash_impl,
+    attend,
+    build_key_masks,
+    check_backend,
+    prefix_block_mask,
+)
+from motif_train.objectives.objective import DiffusionObjective, ObjectiveConfig
+
+from ._model_utils import inputs, randomized, tiny
+
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+CPU_BACKENDS = ("sdpa", "flex")  # varlen is flash, CUDA only (tested to fail clearly below)
+
+
+def _per_sample(q, k, v, used):
+    """Reference: each sample attends to its first `used[b]` keys, no mask anywhere."""
+    outs = []
+    for b, n in enumerate(used):
+        o = F.scaled_dot_product_attention(q[b:b + 1].transpose(1, 2), k[b:b + 1, :n].transpose(1, 2),
+                                           v[b:b + 1, :n].transpose(1, 2))
+        outs.append(o.transpose(1, 2).flatten(2))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_key_masks_equal_attention_over_real_keys(backend):
+    # 300 video + 5 image keys, text of width 70 with 70 / 3 / 40 real tokens: joint keys span
+    # three 128-blocks, so the flex mask has full, partial and skipped blocks.
+    torch.manual_seed(0)
+    n, i, t, lens = 300, 5, 70, (70, 3, 40)
+    text_mask = torch.arange(t)[None] < torch.tensor(lens)[:, None]  # (B, T)
+    q, k, v = (torch.randn(3, n + i + t, 2, 16, dtype=torch.float64) for _ in range(3))
+    masks = build_key_masks(backend, text_mask, n, i, torch.float64)
+    joint = attend(q, k, v, masks.joint, backend)  # (B, N+I+T, H*Dh)
+    torch.testing.assert_close(joint, _per_sample(q, k, v, [n + i + m for m in lens]), rtol=0, atol=1e-12)
+    qc, kc, vc = q[:, :n], k[:, n + i:], v[:, n + i:]
+    cross = attend(qc, kc, vc, masks.cross, backend)  # (B, N, H*Dh)
+    torch.testing.assert_close(cross, _per_sample(qc, kc, vc, lens), rtol=0, atol=1e-12)
+
+
+def test_block_mask_lists_full_and_partial_blocks():
+    """Keys 375 = blocks of 128, 128, 119: a row with 308 visible keys has 2 full blocks and 1 partial;
+    one with every key visible has 3 full; one with 100 has none full, 1 partial, 2 skipped."""
+    key_mask = torch.arange(375)[None] < torch.tensor([308, 375, 100])[:, None]
+    bm = prefix_block_mask(key_mask, q_len=375)
+    assert bm.full_kv_num_blocks[:, 0, 0].tolist() == [2, 3, 0]
+    assert bm.kv_num_blocks[:, 0, 0].tolist() == [1, 0, 1]
+    assert bm.kv_indices[0, 0, 0, 0].item() == 2 and bm.kv_indices[2, 0, 0, 0].item() == 0
+    assert bm.full_kv_indices[0, 0, 0, :2].tolist() == [0, 1]
+    assert tuple(bm.shape) == (3, 1, 375, 375)
+
+
+def test_sdpa_mask_is_additive_and_16_aligned():
+    """One fp mask per layout in the compute dtype, stored 16-wide so SDPA never re-pads it per call."""
+    text_mask = torch.tensor([[True] * 5 + [False] * 2, [True] * 7])
+    masks = build_key_masks("sdpa", text_mask, 30, 5, torch.bfloat16)
+    assert masks.joint.dtype == torch.bfloat16 and masks.joint.shape == (2, 1, 1, 42)
+    assert masks.joint.stride(0) % 16 == 0 and masks.cross.stride(0) % 16 == 0
+    assert torch.isinf(masks.joint[0, 0, 0, 40:]).all() and (masks.joint[1] == 0).all()
+
+
+@pytest.mark.parametrize("routing", [None, RoutingConfig(1, 3, 0.5)])
+def test_model_backends_equal_and_padding_never_leaks(tiny_cfg, routing):
+    """The full tiny model (dual, single + Shared Cross-Attention, DDT decoder, TREAD, image tokens):
+    sdpa and flex give the same output, and each padded sample equals that sample run alone on its
+    real caption without any mask. (Forward only: FlexAttention has no backward on CPU; the GPU
+    check in scripts/bench_train.py compares gradients.)"""
+    cfg = tiny(tiny_cfg, routing=routing) if routing else tiny_cfg
+    kw = inputs(cfg, mask=True, image=True)  # sample 0 has 3 of 7 text tokens, sample 1 all 7
+    ids = torch.stack([torch.randperm(72, generator=torch.Generator().manual_seed(b))[:36].sort().values
+                       for b in range(2)]) if routing else None
+    outs = {}
+    with torch.no_grad():
+        for backend in CPU_BACKENDS:
+            m = randomized(tiny(cfg, attention_backend=backend)).train()
+            outs[backend] = m(**kw, keep_ids=ids).sample
+        real = int(kw["encoder_attention_mask"][0].sum())
+        alone = {k: v[:1] for k, v in kw.items() if k != "encoder_attention_mask"}
+        alone["encoder_hidden_states"] = alone["encoder_hidden_states"][:, :real]
+        solo = randomized(cfg).train()(**alone, keep_ids=None if ids is None else ids[:1]).sample
+    torch.testing.assert_close(outs["flex"], outs["sdpa"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs["sdpa"][:1], solo, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(outs["sdpa"][1:], solo)  # sample 1's caption is longer: a real difference
+
+
+class MaskedCalls(TorchFunctionMode):
+    """Counts F.scaled_dot_product_attention calls with and without an attn_mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.masked = self.unmasked = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            if kwargs.get("attn_mask") is not None:
+                self.masked += 1
+            else:
+                self.unmasked += 1
+        return func(*args, **kwargs)
+
+
+def _batch(lengths, width, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    b = len(lengths)
+    text = torch.randn(b, width, 32, generator=g)
+    mask = torch.arange(width)[None] < torch.tensor(lengths)[:, None]
+    return Batch(latents=torch.randn(b, 16, 3, 8, 12, generator=g), text=text * mask[..., None], text_mask=mask)
+
+
+# Tiny preset: 2 dual blocks (1 attention each) + 2 encoder single blocks (self + cross) see text;
+# the 2 DDT decoder blocks attend video to video and never get a mask.
+TEXT_CALLS, DECODER_CALLS = 6, 2
+EMPTY = (torch.randn(2, 32), torch.ones(2, dtype=torch.bool))  # "" -> 2 real tokens
+
+
+@pytest.mark.parametrize("lengths, width, dropout, pad_to, keep, masked, text_tokens", [
+    ((5, 3), 8, 0.0, None, False, True, 5),      # real padding (narrowed to the longest, 5): masked
+    ((8, 8), 8, 0.0, None, False, False, 8),     # nothing padded: no mask at all
+    ((8, 8), 8, 0.0, None, True, True, 8),       # compiled sdpa keeps the mask (one graph)
+    ((8,), 8, 1.0, None, False, False, 2),       # batch 1, caption dropped: the empty prompt's 2 tokens
+    ((8, 8), 8, 1.0, [4, 8], False, True, 4),    # both dropped, pad lengths [4, 8]: 2 real of 4
+    ((6, 3), 16, 0.0, [8, 16], False, True, 8),  # wider than the pad length needs: narrowed to 8
+])
+def test_mask_only_where_real_padding(tiny_cfg, lengths, width, dropout, pad_to, keep, masked, text_tokens):
+    model = randomized(tiny_cfg).train()
+    obj = DiffusionObjective(ObjectiveConfig(conditioning={"text_dropout": dropout, "i2v_prob": 0.0},
+                                             repa={"weight": 0.0}),
+                             empty_text=EMPTY, text_pad_to=pad_to, drop_unpadded_mask=not keep)
+    batch = _batch(lengths, width)
+    with MaskedCalls() as calls:
+        out = obj(model, batch, step=0, generator=torch.Generator().manual_seed(1))
+    assert out.text_tokens == text_tokens  # what the FLOP count (MFU) sees
+    assert (calls.masked, calls.unmasked) == ((TEXT_CALLS, DECODER_CALLS) if masked
+                                              else (0, TEXT_CALLS + DECODER_CALLS))
+
+
+def test_narrowed_text_gives_the_same_loss(tiny_cfg):
+    """Narrowing a padded micro-batch to its pad length (and dropping the mask when nothing is left
+    padded) changes the kernel, not the numbers."""
+    model = randomized(tiny_cfg).train()
+    cfg = ObjectiveConfig(conditioning={"text_dropout": 0.0, "i2v_prob": 0.0}, repa={"weight": 0.0})
+    wide = _batch((6, 6), 16)
+    losses = []
+    for pad_to, drop in ((None, False), ([16], False), ([8, 16], True)):
+        obj = DiffusionObjective(cfg, text_pad_to=pad_to, drop_unpadded_mask=drop)
+        out = obj(model, copy.copy(wide), step=0, generator=torch.Generator().manual_seed(1))
+        losses.append(out.losses["denoise"].item())
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6) and losses[0] == pytest.approx(losses[2], abs=1e-6)
+
+
+def test_unknown_lengths_keep_the_mask(tiny_cfg):
+    """A batch built on a device has no host lengths: the mask is always passed (right, maybe slower)."""
+    import dataclasses
+
+    batch = _batch((8, 8), 8)
+    object.__setattr__(batch, "text_lengths", ())  # as a Batch constructed from device tensors
+    obj = DiffusionObjective(ObjectiveConfig(conditioning={"text_dropout": 0.0}, repa={"weight": 0.0}))
+    text, mask = obj.text_for_model(batch, [False, False])
+    assert mask is not None and text.shape[1] == 8
+    assert dataclasses.replace(batch).text_lengths == (8, 8)  # a host mask is re-read on rebuild
+
+
+def test_bad_backends_fail_clearly(tiny_cfg):
+    with pytest.raises(ValueError, match=r"model.attention_backend='fast'.*sdpa, flex, varlen"):
+        tiny(tiny_cfg, attention_backend="fast")
+    with pytest.raises(ValueError, match=r"model.flash_impl='fa5'"):
+        tiny(tiny_cfg, flash_impl="fa5")
+    with pytest.raises(ValueError, match=r"attention_backend=varlen .*CUDA only.*backend=sdpa"):
+        check_backend("varlen", None, "cpu")
+    with pytest.raises(ValueError, match=r"attention_backend=flex: .*no backward on CPU"):
+        check_backend("flex", None, "cpu")
+    with pytest.raises(ValueError, match=r"flash_impl=fa4 is a CUDA kernel"):
+        check_backend("sdpa", "fa4", "cpu")
+    try:
+        import flash_attn.cute  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match=r"model.flash_impl=fa4 needs flash-attn-4"):
+            activate_flash_impl("fa4")
