@@ -2,9 +2,10 @@
 
     # CPU: experiment=tiny_cpu under torchrun with 2 gloo ranks: samples/s and data-wait share
     python scripts/bench_train.py
-    # one GPU: the full 2B preset at 81x480x832, bf16, activation checkpointing, compile, with and
-    # without TREAD (2..23, r=0.5): MFU from the analytic FLOPs
-    python scripts/bench_train.py --gpu --steps 8 --warmup 3
+    # one GPU, one command (~10 min on an H200): the full 2B recipe at 480p x 81 and 720p x 121, AC
+    # full vs selective, sdpa vs flex, TREAD on; s/step, MFU, whole-run peak memory, and a check that
+    # every attention backend matches sdpa (forward + backward, bf16) with the kernels it ran
+    python scripts/bench_train.py --gpu --steps 6 --warmup 2 --out docs/bench/train_gpu.json
 """
 
 from __future__ import annotations
@@ -47,58 +48,108 @@ def bench_cpu(args) -> dict:
     return res
 
 
-def bench_gpu(args) -> dict:
+SHAPES = {"480p": (81, 480, 832), "720p": (121, 720, 1280)}
+# The issue-9 suite: both stage shapes, AC full vs selective with sdpa, and flex at selective.
+SUITE = ("480p:full:sdpa", "480p:selective:sdpa", "480p:selective:flex",
+         "720p:full:sdpa", "720p:selective:sdpa", "720p:selective:flex")
+
+
+def attention_check() -> dict:
+    """GPU only: every attention backend against sdpa on one padded problem (bf16, forward and
+    backward; what the CPU tests cannot run: flex backward, varlen), and the SDPA kernel picked."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from motif_train.models.attention_backends import attend, build_key_masks
+
+    torch.manual_seed(0)
+    n, i, t, lens = 4096, 16, 256, (256, 77)
+    text_mask = torch.arange(t, device="cuda")[None] < torch.tensor(lens, device="cuda")[:, None]
+    base = [torch.randn(2, n + i + t, 12, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    ref = None
+    out = {}
+    for backend in ("sdpa", "flex", "varlen"):
+        q, k, v = (x.clone().requires_grad_() for x in base)
+        try:
+            masks = build_key_masks(backend, text_mask, n, i, torch.bfloat16)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                o = attend(q, k, v, masks.joint, backend)
+                torch.cuda.synchronize()
+            o.float().square().mean().backward()
+        except Exception as e:  # record, keep the other backends
+            out[backend] = {"error": repr(e)[:300]}
+            continue
+        kernels = sorted({e.key for e in prof.key_averages() if "attention" in e.key.lower() or "flash" in e.key.lower()
+                          or "fmha" in e.key.lower() or "flex" in e.key.lower() or "triton" in e.key.lower()})
+        grads = torch.cat([x.grad.flatten() for x in (q, k, v)]).float()
+        if ref is None:
+            ref = (o.detach().float(), grads)
+        out[backend] = {"max_abs_out_vs_sdpa": (o.detach().float() - ref[0]).abs().max().item(),
+                        "max_abs_grad_vs_sdpa": (grads - ref[1]).abs().max().item(), "kernels": kernels[:6]}
+    return out
+
+
+def run_variant(args, shape: str, ac: str, backend: str, peak: float) -> dict:
+    """One full-recipe run (bf16, AdamW, EMA every step, TREAD 2..23 r=0.5) at one stage shape."""
     import torch
     from hydra import compose, initialize_config_dir
 
-    from motif_train.metrics import peak_tflops
     from motif_train.train import CONFIG_DIR, to_train_config
     from motif_train.trainer import Trainer
 
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    peak = peak_tflops(torch.device("cuda"))
-    for name, ratio in (("no routing", 0.0), ("TREAD 2..23 r=0.5", 0.5)):
-        run = Path(tempfile.mkdtemp(prefix="bench_train_gpu_"))
-        overrides = [
-            "experiment=motif_video_2b_64xh200", f"run_dir={run}", "logger.wandb=false", "encoders.root=null",
-            "checkpoint.every=0", "checkpoint.save_at_end=false", "checkpoint.resume=none",
-            "objective.conditioning.text_dropout=0", "objective.conditioning.i2v_prob=0",
-            "data.text_len=[256,256]", "data.image_tokens=16", f"parallel.compile={not args.no_compile}",
-            f"parallel.ac={args.ac}", "ema.every=1", f"logger.log_every={args.steps}",
-            "curriculum.stages=[{name: bench, steps: %d, buckets: [[81, 480, 832]], global_batch: 1, repa: false, "  # noqa: UP031
-            "shift: 8.0, routing: {start: 2, end: 23, ratio: %s}}]" % (args.steps, ratio),
-        ]
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = to_train_config(compose(config_name="train", overrides=overrides))
-        try:
-            trainer = Trainer(cfg)
-            trainer.train()
-            trainer.close()
-        except Exception as e:  # record why, then measure without compile rather than lose the row
-            if not cfg.parallel.compile:
-                raise
-            results[name + " (compile failed)"] = repr(e)[:500]
-            print(f"compile failed for {name}: {e!r}; retrying without compile", flush=True)
-            shutil.rmtree(run, ignore_errors=True)
-            cfg.parallel.compile = False
-            trainer = Trainer(cfg)
-            trainer.train()
-            trainer.close()
-        results[name] = summarize(run / "metrics.jsonl", args.warmup, peak)
-        results[name]["compile"] = bool(cfg.parallel.compile)
-        # logger.log_every = steps: one window, so its peak is the run's (the logger resets it per window)
-        results[name]["peak_mem_gib"] = (trainer.last_window or {}).get("mem/peak_gib")
-        del trainer
+    f, h, w = SHAPES[shape]
+    run = Path(tempfile.mkdtemp(prefix="bench_train_gpu_"))
+    overrides = [
+        "experiment=motif_video_2b_64xh200", f"run_dir={run}", "logger.wandb=false", "encoders.root=null",
+        "checkpoint.every=0", "checkpoint.save_at_end=false", "checkpoint.resume=none",
+        "objective.conditioning.text_dropout=0", "objective.conditioning.i2v_prob=0",
+        # captions of 128..256 real tokens padded to 256: the masked path, as with real data
+        "data.text_len=[128,256]", "data.text_pad_to=[256]", "data.image_tokens=16",
+        f"parallel.compile={not args.no_compile}", f"parallel.ac={ac}", f"model.attention_backend={backend}",
+        "ema.every=1", f"logger.log_every={args.steps}",
+        "curriculum.stages=[{name: bench, steps: %d, buckets: [[%d, %d, %d]], global_batch: 1, repa: false, "  # noqa: UP031
+        "shift: 8.0, routing: {start: 2, end: 23, ratio: 0.5}}]" % (args.steps, f, h, w),
+    ]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = to_train_config(compose(config_name="train", overrides=overrides))
+    res = {"shape": f"{f}x{h}x{w}", "ac": ac, "attention_backend": backend, "compile": bool(cfg.parallel.compile)}
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        trainer = Trainer(cfg)
+        trainer.train()
+        trainer.close()
+    except Exception as e:  # one failing variant (OOM, compile) must not lose the others
+        res["error"] = repr(e)[:500]
+        return res
+    finally:
         gc.collect()
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        print(json.dumps(results, indent=2), flush=True)
-        if args.out:
+    res.update(summarize(run / "metrics.jsonl", args.warmup, peak))
+    # logger.log_every = steps: one window, so its peak is the run's (the logger resets it per window)
+    res["peak_mem_gib"] = (trainer.last_window or {}).get("mem/peak_gib")
+    del trainer
+    shutil.rmtree(run, ignore_errors=True)
+    return res
+
+
+def bench_gpu(args) -> dict:
+    import torch
+
+    from motif_train.metrics import peak_tflops
+
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "setup": "full 2B recipe, batch 1, text 128..256 padded to 256, 16 image tokens, bf16 params + fp32 "
+                        f"reduce, compile={not args.no_compile}, TREAD 2..23 r=0.5, FSDP2 on 1 GPU, fused AdamW + "
+                        "EMA every step; MFU = counted model FLOPs / (s x 989 TFLOP/s)",
+               "attention_check": attention_check(), "variants": []}
+    peak = peak_tflops(torch.device("cuda"))
+    for variant in args.variants.split(","):
+        shape, ac, backend = variant.split(":")
+        print(f"== {variant}", flush=True)
+        results["variants"].append({"variant": variant, **run_variant(args, shape, ac, backend, peak)})
+        print(json.dumps(results["variants"][-1], indent=2), flush=True)
+        if args.out:  # after every variant: a time limit keeps what was measured
             Path(args.out).write_text(json.dumps(results, indent=2))
-    a, b = results["no routing"], results["TREAD 2..23 r=0.5"]
-    results["routed_speedup"] = a["step_time_s"] / b["step_time_s"]
-    results["setup"] = (f"full 2B preset, 81x480x832, batch 1, text 256, bf16 params + fp32 reduce, AC={args.ac}, "
-                        f"compile={not args.no_compile}, FSDP2 on 1 GPU, AdamW (fused) + EMA every step")
     return results
 
 
@@ -107,7 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2, help="steps left out of the averages (compile, caches)")
-    ap.add_argument("--ac", default="full", choices=["none", "full", "every_k", "selective"])
+    ap.add_argument("--variants", default=",".join(SUITE),
+                    help="GPU: comma list of SHAPE:AC:BACKEND (shapes 480p|720p; parallel.ac; model.attention_backend)")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
