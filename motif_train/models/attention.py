@@ -69,6 +69,10 @@ class MotifAttention(nn.Module):
         inner = heads * head_dim
         _init_qkv(self, dim, heads, head_dim, qk_norm, eps)
         self.backend = backend
+        # Context parallelism (distributed/context_parallel.apply_cp): the CPGroup, and whether the
+        # context is sequence-sharded video (DDT decoder) rather than replicated text / image tokens.
+        self.cp = None
+        self.cp_ctx_sharded = False
         self.to_out = None if pre_only else nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
         if context_proj:
             self.norm_added_q = nn.RMSNorm(head_dim, eps=eps)
@@ -111,13 +115,34 @@ class MotifAttention(nn.Module):
             cv = split_heads(self.add_v_proj(ctx), self.heads)
             q, k, v = torch.cat([q, cq], 1), torch.cat([k, ck], 1), torch.cat([v, cv], 1)
             ctx_kv = None  # context K/V come from add_*_proj: not what the cross-attention ties to
-        out = attend(q, k, v, mask, self.backend)  # (B, N+L, Dinner)
-        x_out, ctx_out = out[:, :n], out[:, n:]
+        if self.cp is None:
+            out = attend(q, k, v, mask, self.backend)  # (B, N+L, Dinner)
+            x_out, ctx_out = out[:, :n], out[:, n:]
+        else:
+            x_out, ctx_out = self._attend_cp(q, k, v, n, mask)
         if self.to_out is not None:
             x_out = self.to_out[1](self.to_out[0](x_out))
         if self.add_q_proj is not None:
             ctx_out = self.to_add_out(ctx_out)
         return x_out, ctx_out, ctx_kv
+
+    def _attend_cp(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, mask):
+        """Ulysses: q / k / v (B, n+L, H, Dh) with this rank's n = N/cp video tokens -> attention over
+        all N + L tokens for H/cp heads -> (x_out (B, n, Dinner), ctx_out (B, L, Dinner))."""
+        cp = self.cp
+
+        def to_heads(t: torch.Tensor) -> torch.Tensor:  # (B, n+L, H, Dh) -> (B, N+L, H/cp, Dh)
+            c = t[:, n:]
+            c = cp.seq_to_heads(c) if self.cp_ctx_sharded else cp.local_heads(c)
+            return torch.cat([cp.seq_to_heads(t[:, :n]), c], dim=1)
+
+        out = attend(to_heads(q), to_heads(k), to_heads(v), mask, self.backend)  # (B, N+L, H/cp*Dh)
+        out = out.unflatten(-1, (self.heads // cp.size, -1))  # (B, N+L, H/cp, Dh)
+        big_n = n * cp.size
+        x_out = cp.heads_to_seq(out[:, :big_n])  # (B, n, H, Dh)
+        c = out[:, big_n:]
+        ctx_out = cp.heads_to_seq(c) if self.cp_ctx_sharded else cp.gather_heads(c)  # (B, L, H, Dh)
+        return x_out.flatten(2), ctx_out.flatten(2)
 
 
 class MotifCrossAttention(nn.Module):

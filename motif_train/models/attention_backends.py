@@ -130,11 +130,12 @@ def prefix_block_mask(key_mask: torch.Tensor, q_len: int, block: int = FLEX_BLOC
 
 
 def build_key_masks(backend: str, text_mask: torch.Tensor | None, n_video: int, n_image: int,
-                    dtype: torch.dtype) -> KeyMasks | None:
-    """text_mask (B, T) bool (True = real token) or None -> `KeyMasks` for `n_video` video queries.
+                    dtype: torch.dtype, n_query: int | None = None) -> KeyMasks | None:
+    """text_mask (B, T) bool (True = real token) or None -> `KeyMasks` for `n_video` video tokens.
 
     The joint keys are [video (n_video) | image (n_image) | text (T)]; video and image keys are
-    always visible. None when `text_mask` is None (the objective passes None only when nothing is
+    always visible. `n_query`: the cross-attention's video queries on this rank (n_video / cp under
+    context parallelism; default n_video). None when `text_mask` is None (the objective passes None only when nothing is
     padded and the backend / compile setting allows switching to the mask-free path).
     """
     if text_mask is None:
@@ -144,7 +145,7 @@ def build_key_masks(backend: str, text_mask: torch.Tensor | None, n_video: int, 
     if backend == "sdpa":
         return KeyMasks(_sdpa_bias(joint, dtype), _sdpa_bias(text_mask, dtype))
     if backend == "flex":
-        return KeyMasks(prefix_block_mask(joint, joint.shape[1]), prefix_block_mask(text_mask, n_video))
+        return KeyMasks(prefix_block_mask(joint, joint.shape[1]), prefix_block_mask(text_mask, n_query or n_video))
     # varlen: text is padded at the end only (pad_text, text dropout), so visible keys are a prefix
     joint_used = (text_mask.sum(-1) + n_video + n_image).to(torch.int32)  # (B,)
     return KeyMasks(joint_used, text_mask.sum(-1).to(torch.int32))

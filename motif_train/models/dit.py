@@ -112,6 +112,7 @@ class MotifDiT(nn.Module):
         self.proj_out = nn.Linear(d, c.patch_size_t * c.patch_size * c.patch_size * c.out_channels)
         self.repa_projector = (RepaProjector(d, c.repa.hidden_dim, c.repa.teacher_dim)
                                if c.repa.block is not None else None)
+        self.cp = None  # CPGroup when the video sequence is split (distributed/context_parallel.apply_cp)
 
     # ---- structure ---------------------------------------------------------------------
     def blocks(self) -> list[nn.Module]:
@@ -222,8 +223,16 @@ class MotifDiT(nn.Module):
         if return_repa and self.repa_projector is None:
             raise ValueError("return_repa=True but the model has no REPA head: set model.repa.block")
 
+        # Context parallelism (distributed/context_parallel.py): this rank keeps 1/cp of the video
+        # tokens (and their RoPE rows); `full` / `local` are identities without it.
+        cp = self.cp
+        full = (lambda t, dim=1: t) if cp is None else cp.gather
+        local = (lambda t, dim=1: t) if cp is None else cp.chunk
+        x, dec = local(x), (None if dec is None else local(dec))
+        rope_full, rope = rope, tuple(local(t, 0) for t in rope)  # 2 x (N/cp, Dh)
+
         # Key padding in the backend's form, once per layout (full N here, routed K below), not per call.
-        full_mask = build_key_masks(c.attention_backend, encoder_attention_mask, n, img_len, dtype)
+        full_mask = build_key_masks(c.attention_backend, encoder_attention_mask, n, img_len, dtype, x.shape[1])
         mask, blk_rope = full_mask, rope
         saved = None
         repa_tokens = repa_ids = None
@@ -233,25 +242,25 @@ class MotifDiT(nn.Module):
                 x, ctx, mask, img_len = dec, x, None, 0
                 full_mask = None
             if ids is not None and idx == r.start:
-                saved = (x, ctx)
-                x = gather_tokens(x, ids)  # (B, K, D)
+                saved = (full(x), full(ctx) if idx >= enc_end else None)  # (B, N, D): the tokens that wait
+                x = local(gather_tokens(saved[0], ids))  # (B, K/cp, D)
                 if idx >= enc_end:  # in the decoder the context is video too: route it with the same ids
-                    ctx = gather_tokens(ctx, ids)
-                blk_rope = gather_rope(rope, ids)  # 2 x (B, K, Dh)
-                mask = (build_key_masks(c.attention_backend, encoder_attention_mask, ids.shape[1], img_len, dtype)
-                        if idx < enc_end else None)
+                    ctx = local(gather_tokens(saved[1], ids))
+                blk_rope = tuple(local(t) for t in gather_rope(rope_full, ids))  # 2 x (B, K/cp, Dh)
+                mask = (build_key_masks(c.attention_backend, encoder_attention_mask, ids.shape[1], img_len, dtype,
+                                        x.shape[1]) if idx < enc_end else None)
             x, ctx = block(x, ctx, temb, mask, blk_rope, img_len)
             if return_repa and idx == c.repa.block:
                 inside = ids is not None and r.start <= idx <= r.end
-                repa_tokens, repa_ids = self.repa_projector(x), (ids if inside else None)  # (B, K|N, C_t)
+                repa_tokens, repa_ids = full(self.repa_projector(x)), (ids if inside else None)  # (B, K|N, C_t)
             if ids is not None and idx == r.end:
-                x = scatter_tokens(saved[0], x, ids)  # (B, N, D)
+                x = local(scatter_tokens(saved[0], full(x), ids))  # (B, N/cp, D)
                 if idx >= enc_end:
-                    ctx = scatter_tokens(saved[1], ctx, ids)
+                    ctx = local(scatter_tokens(saved[1], full(ctx), ids))
                 mask, blk_rope, saved = full_mask, rope, None
 
         x = self.norm_out(x, temb)  # (B, N, D)
-        x = self.proj_out(x)  # (B, N, pt*p*p*C_out)
+        x = full(self.proj_out(x))  # (B, N, pt*p*p*C_out): per-token work on 1/cp, then gathered
         x = x.reshape(b, f // pt, h // p, w // p, -1, pt, p, p)
         x = x.permute(0, 4, 1, 5, 2, 6, 3, 7).flatten(6, 7).flatten(4, 5).flatten(2, 3)  # (B, C_out, F, H, W)
         return DiTOutput(sample=x, repa_tokens=repa_tokens, repa_ids=repa_ids, keep_ids=ids)
