@@ -49,6 +49,9 @@ class TrainSection:
     # Python GC: start-up objects frozen, automatic collection off, a collection every this many
     # steps on every rank at once (a GC pause on one rank stalls the others' collectives); 0: automatic
     gc_every: int = 50
+    # Simulate the run instead of training it (motif-dryrun): the fake process group at parallel.simulate_world,
+    # memory per stage on fake tensors, no checkpoint written
+    dry_run: bool = False
 
 
 @dataclass
@@ -116,6 +119,13 @@ def validate(cfg: TrainConfig, *, world_size: int, local_world_size: int | None 
     if t.gc_every < 0:
         raise ValueError(f"train.gc_every={t.gc_every} must be >= 0 (steps between Python GC collections; "
                          "0 leaves GC automatic)")
+    if t.dry_run and cfg.parallel.simulate_world != world_size:
+        raise ValueError(f"train.dry_run=true in a world of {world_size} rank(s): the dry run fakes "
+                         f"parallel.simulate_world={cfg.parallel.simulate_world} ranks in one process; run "
+                         "`motif-dryrun` (python -m motif_train.dryrun) with the same overrides, or drop train.dry_run")
+    if cfg.parallel.simulate_world is not None and not t.dry_run:
+        raise ValueError("parallel.simulate_world is set but train.dry_run is false: only the dry run (motif-dryrun) "
+                         "simulates a world; unset parallel.simulate_world / parallel.simulate_local to train")
     if not cfg.curriculum.stages:
         raise ValueError("curriculum.stages is empty: give at least one stage")
     target = cfg.data.get("_target_", "") if isinstance(cfg.data, dict) else getattr(cfg.data, "_target_", "")

@@ -4,7 +4,9 @@
         --seed 0 --epoch 0 --out plan.npz --report report.json
     motif-plan --manifest DATA/manifest.json --stage-from-config configs/curriculum/tiny.yaml --stage 0 ...
 
-Prints a per-bucket table and the utilization next to the naive per-rank bucketing baseline. With
+Prints a per-bucket table, the utilization next to the naive per-rank bucketing baseline, the share of steps
+carrying >= 90 % of the token budget, and the most video tokens a rank holds in a step (<= --token-budget
+unless a bucket's single sample is larger: then a warning names it). With
 --stage-from-config the buckets, token budget and attention_aware flag come from stage N of the curriculum
 YAML (``stages: [{buckets: [[F, H, W], ...], token_budget: ..., attention_aware: ...}, ...]``); an explicit
 --buckets / --token-budget on the command line overrides them. --segments START:WORLD ... plans the rest of
@@ -94,16 +96,19 @@ def stage_from_config(path: str | Path, stage: int) -> dict:
 
 def _table(stats: dict, naive: float | None, world_size: int) -> Table:
     t = Table(title=f"motif-plan: world size {world_size}")
-    for col in ("bucket", "samples", "per-rank batch", "steps", "scheduled", "dropped"):
+    for col in ("bucket", "tokens", "samples", "per-rank batch", "steps", "short steps", "scheduled", "dropped"):
         t.add_column(col, justify="left" if col == "bucket" else "right")
     for name, b in stats["per_bucket"].items():
-        t.add_row(name, f"{b['samples']:,}", str(b["per_rank_batch"]), f"{b['steps']:,}", f"{b['scheduled']:,}",
-                  f"{b['dropped']:,}")
+        t.add_row(name, f"{b['tokens']:,}", f"{b['samples']:,}", str(b["per_rank_batch"]), f"{b['steps']:,}",
+                  f"{b['short_steps']:,}", f"{b['scheduled']:,}", f"{b['dropped']:,}")
     t.add_section()
-    t.add_row("total", f"{stats['total']:,}", "", f"{stats['steps']:,}", f"{stats['scheduled']:,}",
-              f"{stats['dropped']:,}")
+    t.add_row("total", "", f"{stats['total']:,}", "", f"{stats['steps']:,}", f"{stats['short_steps']:,}",
+              f"{stats['scheduled']:,}", f"{stats['dropped']:,}")
     naive_txt = "n/a" if naive is None else f"{naive:.1%}"
-    t.caption = f"utilization: ours {stats['utilization']:.2%}  vs naive per-rank bucketing {naive_txt}"
+    t.caption = (f"utilization: ours {stats['utilization']:.2%}  vs naive per-rank bucketing {naive_txt}\n"
+                 f"steps >= 90 % of the budget: {stats['full_fraction']:.1%}  short steps: "
+                 f"{stats['short_fraction']:.1%}  most video tokens on a rank: {stats['max_tokens_per_rank']:,} "
+                 f"({stats['max_budget_ratio']:.2f} x token_budget)")
     return t
 
 
@@ -117,7 +122,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--world-size", type=int, default=1, help="data-parallel ranks (default 1)")
     ap.add_argument("--segments", nargs="+", type=_parse_segment, default=None,
                     help="world-size changes inside the epoch: 0:64 1000:32 (overrides --world-size)")
-    ap.add_argument("--token-budget", type=int, default=None, help="video tokens per rank and step")
+    ap.add_argument("--token-budget", type=int, default=None,
+                    help="the most video tokens a rank holds in one step (per-rank batch x bucket tokens)")
     ap.add_argument("--attention-aware", action="store_true", help="shrink batches of long clips (N^2 attention)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epoch", type=int, default=0)
@@ -158,6 +164,11 @@ def run(args: argparse.Namespace, console: Console) -> dict:
         raise PlanInputError(str(e)) from None
     stats = plan_stats(plan, manifest)
     console.print(_table(stats, naive, plan.world_size))
+    if stats["over_budget"]:
+        console.print(f"warning: one sample of {', '.join(stats['over_budget'])} is over the token budget "
+                      f"{token_budget:,}: those steps hold {stats['max_tokens_per_rank']:,} video tokens per rank; "
+                      "raise token_budget (curriculum.stages[i].token_budget / --token-budget) to the largest "
+                      "bucket's tokens to size memory with it", markup=False)
     if offset:
         console.print(f"plan starts at step {offset} of epoch {args.epoch} (after world-size changes {segments})")
     if args.out:

@@ -2,13 +2,22 @@
 
 `FlowMatchEulerDiscreteScheduler` (sigmas = linspace(1, 1/steps), the configured shift) steps the
 latents; diffusers' `ClassifierFreeGuidance` combines the conditional and unconditional velocity.
-The DiT may be FSDP-sharded: every rank runs the same number of forwards (prompts are dealt out
-round-robin and padded), decodes its own videos with the frozen VAE, and rank 0 gathers the uint8
-frames — the 2B weights are never gathered onto one rank.
+
+At 64 ranks (issue 10): the prompts are encoded once, on rank 0 (the only rank that loads the text
+and image encoders), cached in the run dir as safetensors and broadcast as those bytes; request i is
+sampled by rank ``i % world_size`` only, which decodes it with the frozen VAE (loaded only on ranks
+that own a request) and sends the uint8 frames to rank 0 point-to-point — no all-gather, and no
+gather either (a gather pads every rank's share to the largest, so 64 x a video would reach rank 0).
+The DiT may be FSDP-sharded: the ranks of one FSDP shard group run the same number of forwards (its
+weights are all-gathered within the group), so a rank of a busy group without a request runs
+padding forwards it neither decodes nor sends; groups with no request skip sampling.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,30 +140,67 @@ def frame_grid(videos: list[torch.Tensor], max_cols: int = 8) -> np.ndarray:
     return np.concatenate(rows, axis=0)
 
 
+def _comm_device(device: torch.device) -> torch.device:
+    """Where tensors must live for the default group's backend (NCCL: the GPU; gloo: the CPU)."""
+    return device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def sampling_rounds(n_items: int, rank: int, world_size: int, shard_size: int) -> int:
+    """Forwards-rounds this rank runs: request i belongs to rank i % world_size in round i // world_size,
+    and every rank of a shard group (consecutive ranks) runs as many rounds as its first rank, which owns
+    the most; 0 for a group that owns no request."""
+    first = rank - rank % shard_size
+    return max(0, -(-(n_items - first) // world_size))
+
+
 def generate(model, items: list[SampleItem], negative, vae, cfg: EvalConfig, *, device: torch.device,
-             rank: int = 0, world_size: int = 1) -> list[tuple[str, torch.Tensor]]:
-    """Every rank samples its share (round-robin, padded so all ranks run the same forwards) and
-    decodes it; returns [(name, (T, H, W, 3) uint8)] on rank 0 (empty list elsewhere)."""
+             rank: int = 0, world_size: int = 1, shard_size: int | None = None) -> list[tuple[str, torch.Tensor]]:
+    """Sample every request once across the ranks; returns [(name, (T, H, W, 3) uint8)] on rank 0, in
+    request order (an empty list elsewhere). Collective: call it on every rank.
+
+    ``shard_size``: ranks per FSDP shard group (``parallel.dp_shard`` under HSDP; None: the whole world,
+    1-D FSDP). Request i's noise is seeded by (cfg.seed, i) alone, so the videos do not depend on the
+    world size or on which rank sampled them. ``vae`` may be None on ranks that own no request.
+    """
+    n = len(items)
+    shard = world_size if shard_size is None else int(shard_size)
+    if shard < 1 or world_size % shard:
+        raise ValueError(f"generate: shard_size={shard_size} must divide the world size {world_size} "
+                         "(parallel.dp_shard)")
     lat = (16, 1 + (cfg.frames - 1) // 4, cfg.height // 8, cfg.width // 8)
-    per_rank = -(-len(items) // world_size)
-    mine = [(i, items[i % len(items)]) for i in range(rank, per_rank * world_size, world_size)]
-    out = []
-    for i, item in mine:
-        g = torch.Generator(device).manual_seed(cfg.seed * 1000 + i % len(items))
-        latents = flow_sample(model, item, negative, latent_shape=lat, steps=cfg.steps, shift=cfg.shift,
+    mine = []
+    for k in range(sampling_rounds(n, rank, world_size, shard)):
+        i = rank + k * world_size
+        g = torch.Generator(device).manual_seed(cfg.seed * 1000 + i % n)
+        latents = flow_sample(model, items[i % n], negative, latent_shape=lat, steps=cfg.steps, shift=cfg.shift,
                               guidance_scale=cfg.guidance_scale, generator=g, device=device)
-        out.append(to_uint8_frames(vae.decode(latents.to(vae.dtype))))
-    local = torch.stack(out)  # (per_rank, T, H, W, 3)
-    if world_size > 1:
-        gathered = [torch.empty_like(local) for _ in range(world_size)]
-        if local.device.type != device.type:
-            local = local.to(device)
-            gathered = [g.to(device) for g in gathered]
-        dist.all_gather(gathered, local)
-        ordered = [gathered[j % world_size][j // world_size].cpu() for j in range(len(items))]
-    else:
-        ordered = list(local)
-    return [(items[j].name, ordered[j]) for j in range(len(items))] if rank == 0 else []
+        if i < n:  # i >= n: a padding forward, only so that the shard group's all-gathers match
+            if vae is None:
+                raise ValueError(f"generate: rank {rank} samples request {i} but was given no VAE "
+                                 "(build_requests loads it on the ranks that own a request)")
+            mine.append(to_uint8_frames(vae.decode(latents.to(vae.dtype))))
+    videos = _gather_to_rank0(mine, n, rank, world_size, device) if world_size > 1 else mine
+    return [(items[j].name, videos[j]) for j in range(n)] if rank == 0 else []
+
+
+def _gather_to_rank0(mine: list[torch.Tensor], n: int, rank: int, world_size: int,
+                     device: torch.device) -> list[torch.Tensor]:
+    """Rank 0 receives request i from rank i % world_size, in request order (each sender sends its own in
+    that order, so the pairs match); a sender that died fails the recv after the group's timeout."""
+    comm = _comm_device(device)
+    if rank != 0:
+        for v in mine:
+            dist.send(v.contiguous().to(comm), dst=0)
+        return []
+    out: list[torch.Tensor | None] = [None] * n
+    for k, v in enumerate(mine):
+        out[k * world_size] = v
+    for i in range(n):
+        if i % world_size:
+            buf = torch.empty(mine[0].shape, dtype=torch.uint8, device=comm)  # every request has one shape
+            dist.recv(buf, src=i % world_size)
+            out[i] = buf.cpu()
+    return out
 
 
 def write_outputs(videos: list[tuple[str, torch.Tensor]], out_dir: Path, fps: int) -> tuple[list[Path], Path]:
@@ -174,24 +220,126 @@ def write_outputs(videos: list[tuple[str, torch.Tensor]], out_dir: Path, fps: in
     return paths, grid
 
 
-def build_requests(cfg: EvalConfig, encoders_root: str | Path, device: torch.device, *,
-                   prompts: list[str] | None = None):
-    """Encode the prompts (and the I2V frame) once with the frozen encoders; keep only the VAE.
+def _cache_key(cfg: EvalConfig, prompts: list[str], encoders_root) -> str:
+    """Everything the cached embeddings depend on, as canonical JSON (the frame by content, not path)."""
+    key = {"version": 1, "encoders": str(Path(encoders_root).resolve()), "prompts": prompts,
+           "negative_prompt": cfg.negative_prompt, "i2v_prompt": cfg.i2v_prompt}
+    if cfg.i2v_frame:
+        h = hashlib.sha256()
+        with open(cfg.i2v_frame, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        key.update(i2v_frame_sha256=h.hexdigest(), height=cfg.height, width=cfg.width)
+    return json.dumps(key, sort_keys=True)
 
-    Returns (items, negative (emb, mask), vae). Text embeddings are trimmed like the shards'.
-    """
+
+def _encode(cfg: EvalConfig, prompts: list[str], encoders_root, device: torch.device):
+    """({name: tensor} on the CPU, the VAE): text embeddings trimmed like the shards', the I2V condition."""
     from motif_train.objectives.encoders import load_encoders
 
     enc = load_encoders(encoders_root, which=("vae", "text", "image") if cfg.i2v_frame else ("vae", "text"),
                         device=device)
-    prompts = list(prompts if prompts is not None else cfg.prompts)
     texts = enc.text.encode_trimmed(prompts + [cfg.negative_prompt, cfg.i2v_prompt])
-    on = lambda e: (e.float(), torch.ones(e.shape[0], dtype=torch.bool))  # noqa: E731
-    items = [SampleItem(f"t2v_{i:02d}", *on(texts[i])) for i in range(len(prompts))]
+    out = {f"text.{i:04d}": texts[i] for i in range(len(prompts))}
+    out["negative"] = texts[len(prompts)]
     if cfg.i2v_frame:
         frame = load_first_frame(cfg.i2v_frame, cfg.height, cfg.width).to(device)  # (3, H, W)
-        cond = enc.vae.encode(frame[None, :, None])[0, :, 0]  # (16, h, w): frame 0 alone (causal VAE)
-        image = enc.image.encode(frame[None])[0]  # (I, C_img)
-        items.append(SampleItem("i2v_00", *on(texts[-1]), cond_frame=cond.float(), image_embeds=image.float()))
-    negative = on(texts[len(prompts)])
-    return items, negative, enc.vae
+        out["i2v.text"] = texts[-1]
+        out["i2v.cond"] = enc.vae.encode(frame[None, :, None])[0, :, 0]  # (16, h, w): frame 0 alone (causal VAE)
+        out["i2v.image"] = enc.image.encode(frame[None])[0]  # (I, C_img)
+    return {k: v.detach().cpu().contiguous() for k, v in out.items()}, enc.vae
+
+
+def _blob_key(blob: bytes) -> str | None:
+    """The "key" metadata of safetensors bytes (8-byte header length, JSON header)."""
+    n = int.from_bytes(blob[:8], "little")
+    return json.loads(blob[8:8 + n]).get("__metadata__", {}).get("key")
+
+
+def _rank0_encodings(cfg: EvalConfig, prompts: list[str], encoders_root, device: torch.device,
+                     cache_dir: Path | None) -> tuple[bytes, object]:
+    """(safetensors bytes of the embeddings, the VAE): from the run dir's cache when its key matches,
+    else encoded (and cached: written to a temporary name, then renamed, so a crash leaves no half file)."""
+    from safetensors.torch import load, save
+
+    from motif_train.objectives.encoders import load_encoders
+
+    key = _cache_key(cfg, prompts, encoders_root)
+    path = None if cache_dir is None else \
+        Path(cache_dir) / f"prompts-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+    if path is not None and path.is_file():
+        try:
+            blob = path.read_bytes()
+            if _blob_key(blob) == key:
+                load(blob)  # a damaged file is encoded again, not broadcast
+                return blob, load_encoders(encoders_root, which=("vae",), device=device).vae
+        except (OSError, ValueError, RuntimeError):  # unreadable: encode again, overwriting it
+            pass
+    tensors, vae = _encode(cfg, prompts, encoders_root, device)
+    blob = save(tensors, metadata={"key": key})
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(blob)
+        os.replace(tmp, path)
+    return blob, vae
+
+
+def _broadcast_blob(blob: bytes | None, rank: int, device: torch.device) -> bytes | None:
+    """Rank 0's bytes on every rank; None everywhere when rank 0 has none (it failed: every rank still
+    leaves the collective, instead of waiting for a broadcast that never comes)."""
+    comm = _comm_device(device)
+    size = torch.tensor([-1 if blob is None else len(blob)], dtype=torch.int64, device=comm)
+    dist.broadcast(size, src=0)
+    if int(size.item()) < 0:
+        return None
+    if rank == 0:
+        buf = torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(comm)
+    else:
+        buf = torch.empty(int(size.item()), dtype=torch.uint8, device=comm)
+    dist.broadcast(buf, src=0)
+    return blob if rank == 0 else buf.cpu().numpy().tobytes()
+
+
+def build_requests(cfg: EvalConfig, encoders_root: str | Path, device: torch.device, *,
+                   prompts: list[str] | None = None, cache_dir: str | Path | None = None, rank: int = 0,
+                   world_size: int = 1):
+    """The requests (T2V prompts, then the I2V frame), the negative prompt and the VAE.
+
+    Rank 0 encodes them (text / image encoders loaded there only) or reads them from
+    ``cache_dir/prompts-<key>.safetensors`` (the key: prompts, negative / I2V prompt, the frame's bytes,
+    size, encoders root), and broadcasts the bytes; every rank builds the same items. Collective when
+    ``world_size > 1``: call it on every rank. Returns (items, negative (emb (L, C), mask (L,)), vae);
+    ``vae`` is None on ranks that own no request (see :func:`generate`).
+    """
+    from safetensors.torch import load
+
+    from motif_train.objectives.encoders import load_encoders
+
+    prompts = list(prompts if prompts is not None else cfg.prompts)
+    n_items = len(prompts) + (1 if cfg.i2v_frame else 0)
+    blob, vae, failure = None, None, None
+    try:  # a rank that fails still joins the broadcast, so no rank waits on it until the timeout
+        if rank == 0:
+            blob, vae = _rank0_encodings(cfg, prompts, encoders_root, device,
+                                         None if cache_dir is None else Path(cache_dir))
+        elif rank < n_items:  # decodes its own requests
+            vae = load_encoders(encoders_root, which=("vae",), device=device).vae
+    except Exception as e:
+        if world_size == 1:
+            raise
+        failure = e
+    if world_size > 1:
+        blob = _broadcast_blob(blob if rank == 0 and failure is None else None, rank, device)
+        if failure is not None:
+            raise failure
+        if blob is None:
+            raise RuntimeError("validation: rank 0 could not encode the eval prompts (its log has the error); "
+                               "check encoders.root, or switch validation off with eval.every=0 eval.at_end=false")
+    t = load(blob)
+    on = lambda e: (e.float(), torch.ones(e.shape[0], dtype=torch.bool))  # noqa: E731
+    items = [SampleItem(f"t2v_{i:02d}", *on(t[f"text.{i:04d}"])) for i in range(len(prompts))]
+    if cfg.i2v_frame:
+        items.append(SampleItem("i2v_00", *on(t["i2v.text"]), cond_frame=t["i2v.cond"].float(),
+                                image_embeds=t["i2v.image"].float()))
+    return items, on(t["negative"]), (vae if rank < n_items else None)

@@ -214,6 +214,9 @@ class Trainer:
         """Checkpoint now unless the run is in a skip streak (then deferred: False); raises
         `DivergedError` when the weights are non-finite or exploded. Every rank decides alike.
         `final`: the run ends here (signal, end of run), so there is no next step to defer to."""
+        if self.cfg.train.dry_run:  # DCP's global plan validation fails under the fake process group
+            self.metrics.log_event(self.step, "checkpoint not written: train.dry_run (fake process group)")
+            return False
         self.flush_logs()  # metrics.jsonl is published with the checkpoint: every step up to it
         if self.bad_in_a_row > 0:
             self._save_due = not final
@@ -256,7 +259,8 @@ class Trainer:
 
         ev = self.cfg.eval
         if self._val is None:
-            self._val = build_requests(ev, self.cfg.encoders.root, self.device)
+            self._val = build_requests(ev, self.cfg.encoders.root, self.device, cache_dir=self.run_dir / "samples",
+                                       rank=self.dist.rank, world_size=self.dist.world_size)
         items, negative, vae = self._val
         use_ema = ev.ema and self.ema is not None
         self.model.eval()
@@ -264,10 +268,10 @@ class Trainer:
             if use_ema:
                 with self.ema.swapped_in():
                     videos = generate(self.model, items, negative, vae, ev, device=self.device, rank=self.dist.rank,
-                                      world_size=self.dist.world_size)
+                                      world_size=self.dist.world_size, shard_size=self.mesh.shape[-1])
             else:
                 videos = generate(self.model, items, negative, vae, ev, device=self.device, rank=self.dist.rank,
-                                  world_size=self.dist.world_size)
+                                  world_size=self.dist.world_size, shard_size=self.mesh.shape[-1])
         finally:
             self.model.train()
         if self.dist.is_main:
@@ -298,7 +302,12 @@ class Trainer:
         obj.conditioning.i2v_prob = (stage.i2v_prob if stage.i2v_prob is not None
                                      else self.cfg.objective.conditioning.i2v_prob)
         self.repa_on = stage.repa and self.teacher is not None
-        self.data.set_stage(stage, teacher=self.repa_on)
+        kw = {}
+        if getattr(self.data, "takes_stage_hints", False):  # ShardSource: prefetch across the next boundary
+            nxt = self.curriculum.stages[idx + 1] if idx + 1 < len(self.curriculum.stages) else None
+            kw = {"steps": self.curriculum.ends[idx] - step + 1,
+                  "upcoming": None if nxt is None else (nxt, nxt.repa and self.teacher is not None)}
+        self.data.set_stage(stage, teacher=self.repa_on, **kw)
         route = stage.routing
         self.metrics.log_event(step, f"stage {idx} ({stage.name})", **{
             "curriculum/stage": idx, "repa": int(self.repa_on), "shift": obj.flow.shift,

@@ -12,8 +12,9 @@ right above the field (read from the source with `ast` + `tokenize`).
 
 docs/scaling.md: the blocks between `<!-- BEGIN GENERATED: x -->` / `<!-- END GENERATED: x -->`
 markers (the prose around them is hand-written): per-stage step time of the 64xH200 recipe from
-the analytic FLOPs (`model_flops`) and the MFU measured in docs/bench/train_gpu.json, and a
-per-stage memory estimate from measured peaks. Output is deterministic.
+the analytic FLOPs (`model_flops`) and the MFU measured in docs/bench/train_gpu.json, a per-stage
+memory estimate from measured peaks, and beside it the `motif-dryrun` tracked memory of the recipe
+(docs/bench/dryrun_2b_64xh200.json, rendered by scripts/dryrun_table.py). Output is deterministic.
 """
 
 from __future__ import annotations
@@ -725,7 +726,18 @@ def render_scaling_blocks() -> dict[str, str]:
     t = table(["stage", "largest step per rank", "tokens per rank", "state + buffers GiB", "no AC GiB",
                f"AC every_{m['k']} GiB", "AC full GiB"], mem_rows)
     blocks["memory"] = "\n".join(t)
+    blocks["memory-tracker"] = _dryrun_table().render_tracker_block(m, table)
     return blocks
+
+
+def _dryrun_table():
+    """scripts/dryrun_table.py (the tracked memory table), imported by path: scripts/ is not a package."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dryrun_table", ROOT / "scripts" / "dryrun_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 MARKER = re.compile(r"(<!-- BEGIN GENERATED: ([\w-]+) -->\n)(.*?)(<!-- END GENERATED: \2 -->)", re.S)

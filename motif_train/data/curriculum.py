@@ -13,9 +13,12 @@ class StageConfig:
     """One stage. buckets: (frames, height, width) pixel shapes, frames = 1+4k, sizes % 16 == 0.
 
     global_batch: samples per optimizer step over all ranks (synthetic data). token_budget:
-    video tokens per rank per step (shard data: the planner derives each bucket's batch from it;
-    attention_aware also charges the N^2 attention cost). lr / shift / i2v_prob: None keeps the
-    run-level value. routing: None = no TREAD in this stage.
+    the most DiT video tokens one rank holds in a step, per-rank batch x bucket tokens, tail steps
+    included: size activation memory with it (shard data: each bucket's batch is token_budget //
+    its tokens; a bucket whose one sample is larger runs one per rank). attention_aware: also shrink
+    the batches of the stage's longer clips so every step costs about the compute of the shortest
+    bucket's (N + N^2/N_ref per sample, N_ref = the largest bucket), never above token_budget.
+    lr / shift / i2v_prob: None keeps the run-level value. routing: None = no TREAD in this stage.
     """
 
     name: str = "stage"
@@ -67,8 +70,8 @@ def validate_stage(i: int, s: StageConfig, *, dp_size: int, grad_accum: int, pla
                          f"over all ranks), e.g. a multiple of data-parallel size {dp_size} x train.grad_accum "
                          f"{grad_accum}")
     if s.token_budget is not None and (not _is_int(s.token_budget) or s.token_budget < 1):
-        raise ValueError(f"{key}.token_budget={s.token_budget!r} must be an int >= 1 (video tokens per rank per "
-                         "step) or null")
+        raise ValueError(f"{key}.token_budget={s.token_budget!r} must be an int >= 1 (the most video tokens a "
+                         "rank holds in a step) or null")
     if s.lr is not None and not (0 < s.lr < float("inf")):
         raise ValueError(f"{key}.lr={s.lr!r} must be a finite number > 0, or null for optim.lr")
     if s.shift is not None and not (0 < s.shift < float("inf")):
@@ -78,8 +81,8 @@ def validate_stage(i: int, s: StageConfig, *, dp_size: int, grad_accum: int, pla
                          "objective.conditioning.i2v_prob")
     if planned:
         if s.token_budget is None:
-            raise ValueError(f"{key}.token_budget is required with shard data: video tokens per rank per step "
-                             "(each bucket's batch = token_budget // its tokens)")
+            raise ValueError(f"{key}.token_budget is required with shard data: the most video tokens a rank "
+                             "holds in a step (each bucket's per-rank batch = token_budget // its tokens)")
         return
     per_step = dp_size * grad_accum
     if s.global_batch % per_step:

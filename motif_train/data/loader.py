@@ -1,24 +1,29 @@
-"""The shard loader: follows the offline plan, reads samples by index from bucket-grouped tars.
+"""The shard loader: follows the offline plan, reads samples at indexed offsets from bucket-grouped tars.
 
-    plan (per stage, per epoch) ─► step s: bucket + this rank's sample ids
-        ─► DataLoader workers (worker w prepares steps s ≡ w mod W, in order) ─► indexed tar reads
-        ─► crc32 check ─► decode (.npy, allow_pickle=False, finite) ─► collate ─► n_micro micro-batches of `Batch`
+    plan (per stage, per epoch) ─► this rank's row of each step (rank_plan.RankPlan)
+        ─► a feed in this process: one task per step (this rank's samples resolved to shard + member offsets
+           through the memory-mapped sample index) ─► persistent DataLoader workers (prefetching) ─► reads
+        ─► crc32 check ─► decode (.npy, allow_pickle=False, finite) ─► collate ─► n_micro micro-batches
 
-Random access: a shard's member index (name -> offset, size, crc32) is the `<shard>.tar.idx.json` written
-by preprocessing (format in shards.py) or, for a shard without a usable one, a tolerant walk over its
-512-byte tar headers (stdlib `tarfile` gives up on the whole archive at the first truncated member).
-Each index is built once per shard per worker and cached, with what it could not serve; a sample is
-then a few `seek`+`read`s through an LRU of at most `max_open_files` open tars per worker. The position
-is (stage, epoch, step-in-epoch, world-size segments), so a resumed run — on any number of ranks —
-continues with exactly the next batch of the plan.
+Memory per rank is O(its share of the plan): the consolidated sample index (sample_index.py) is memory-
+mapped and only this rank's rows are read; the full plan exists only while its rank view is built; workers
+hold no table at all (each task carries the locations of its samples). Nothing scans a tar when the index
+exists; a shard it cannot serve falls back to `tar_index.TarIndex` (its `.idx.json`, or a header walk).
+
+Workers persist for the life of the source: the feed moves on to the next epoch's plan by itself, and on to
+the next curriculum stage when `set_stage(..., steps=, upcoming=)` announced it, so neither boundary stops
+the pipeline. The position is (stage, epoch, step-in-epoch, world-size segments) of the last step *handed
+to the trainer* (not the last one prefetched), so a resumed run — on any number of ranks — continues with
+exactly the next batch of the plan.
 
 Faults:
 - A content problem (`CorruptSample`: crc32 mismatch, a member cut off by a truncated file or a
   damaged header, unreadable .npy, NaN/Inf, arrays that disagree with the meta) skips the sample: it is
   named in `last_skipped` (key, shard, reason) and counted in `last_skipped_count` / `skipped_total`.
-  A spare of the same bucket takes its place. Spares come from this rank's share of the bucket
-  (candidates i ≡ rank mod world size, the ids the plan left out this epoch first, then the others,
-  noted as repeats), never one planned on any rank in this step, so no two ranks take the same spare.
+  A spare of the same bucket takes its place, read by this process (rare, so the workers need no spare
+  table). Spares come from this rank's share of the bucket (candidates i ≡ rank mod world size, the ids
+  the plan left out this epoch first, then the others, noted as repeats), never one planned on any rank
+  in this step, so no two ranks take the same spare.
 - A machine problem (any OSError of a read: EMFILE, ENFILE, ENOSPC, EIO, ENOENT/ESTALE of a shard that
   was there at start-up, ENOTCONN, ...) is retried `io_retries` times with a short backoff, then
   `DataIOError` stops the run: skipping there would silently throw away good data.
@@ -30,11 +35,10 @@ Faults:
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import logging
 import os
-import time
+import weakref
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -42,20 +46,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .batch import Batch, check_pad_to, pad_text
 from .curriculum import StageConfig
 from .plan import Plan, build_plan, replan, sample_ids_by_bucket
-from .shards import (
-    MANIFEST_NAME,
-    CorruptSample,
-    bucket_name,
-    decode_sample,
-    load_manifest,
-    parse_index,
-    teacher_from_uint8,
-)
+from .rank_plan import RankPlan
+from .sample_index import FIELDS, SampleIndex
+from .shards import MANIFEST_NAME, CorruptSample, bucket_name, decode_sample, load_manifest, teacher_from_uint8
+from .tar_index import DataIOError, Files, TarIndex, io_error
+
+__all__ = ["DataIOError", "ShardDataConfig", "ShardSource", "collate", "collate_micro"]
 
 log = logging.getLogger(__name__)
 
@@ -73,344 +74,153 @@ class ShardDataConfig:
     text_pad_to: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
 
 
-# ------------------------------------------------------------------------------ file access
+# ------------------------------------------------------------------------------ reading one step
 
-
-class DataIOError(OSError):
-    """A shard could not be read because of the machine (too many open files, full or failing disk, a
-    vanished mount), not because of its content. Raised after the retries; it stops the run."""
-
-
-_IO_BACKOFF_S = 0.05  # first retry delay; doubles on each retry
-_HINTS = {
-    errno.EMFILE: "this process has too many open files: lower data.max_open_files or data.num_workers, "
-                  "or raise `ulimit -n`",
-    errno.ENFILE: "the system's open-file table is full: lower data.max_open_files / data.num_workers, or "
-                  "raise fs.file-max",
-    errno.ENOSPC: "no space left on the device",
-    errno.EIO: "the storage reported an I/O error: check the disk / network filesystem",
-    errno.ENOENT: "the shard was there at start-up and has vanished: is the data mount still up?",
-    errno.ESTALE: "stale file handle: the network filesystem was remounted or the shard replaced",
-    errno.ENOTCONN: "the network filesystem is disconnected: is the data mount still up?",
-}
-
-
-def _io_error(path: Path, err: OSError, attempts: int) -> DataIOError:
-    name = errno.errorcode.get(err.errno, str(err.errno))
-    return DataIOError(err.errno, f"reading shard {path} failed with {name} ({err.strerror or err}) after "
-                       f"{attempts} attempt(s): {_HINTS.get(err.errno, 'check the data filesystem')}. A machine "
-                       "error, not a corrupt sample: the run stops rather than skip good data")
-
-
-class _Files:
-    """One worker's open tars — at most `max_open`, the least recently used closed first — and reads
-    retried on OSError (a short file gives short bytes, it does not raise: every OSError is the machine's)."""
-
-    def __init__(self, max_open: int, retries: int) -> None:
-        self.max_open, self.retries = max_open, retries
-        self._open: OrderedDict[Path, object] = OrderedDict()
-
-    def _handle(self, path: Path):
-        fh = self._open.pop(path, None)
-        if fh is None:
-            while len(self._open) >= self.max_open:  # close first: never more than max_open at once
-                self._open.popitem(last=False)[1].close()
-            fh = open(path, "rb")  # noqa: SIM115 - owned by the LRU
-        self._open[path] = fh
-        return fh
-
-    def _retry(self, path: Path, op, missing_ok: bool = False):
-        for attempt in range(self.retries + 1):
-            try:
-                return op()
-            except OSError as e:
-                if missing_ok and isinstance(e, FileNotFoundError):
-                    return None
-                err = e
-            fh = self._open.pop(path, None)  # a stale handle is reopened on the next try
-            if fh is not None:
-                fh.close()
-            if err.errno in (errno.EMFILE, errno.ENFILE):
-                self.close()  # give our own descriptors back before trying again
-            if attempt < self.retries:
-                time.sleep(_IO_BACKOFF_S * 2 ** attempt)
-        raise _io_error(path, err, self.retries + 1) from err
-
-    def read(self, path: Path, offset: int, size: int) -> bytes:
-        def op() -> bytes:
-            fh = self._handle(path)
-            fh.seek(offset)
-            return fh.read(size)
-
-        return self._retry(path, op)
-
-    def size(self, path: Path) -> int:
-        return self._retry(path, lambda: os.fstat(self._handle(path).fileno()).st_size)
-
-    def read_file(self, path: Path) -> bytes | None:
-        """A small side file (the member index), not kept open; None when it does not exist."""
-        return self._retry(path, path.read_bytes, missing_ok=True)
-
-    def close(self) -> None:
-        while self._open:
-            self._open.popitem()[1].close()
-
-
-# ------------------------------------------------------------------------------ tar index
-
-_BLOCK = 512
-_FILE_TYPES = (b"0", b"\0", b"7")
-
-
-def _num(field: bytes) -> int:
-    if field[:1] and field[0] & 0x80:  # GNU base-256 (sizes >= 8 GiB)
-        return int.from_bytes(field[1:], "big")
-    digits = field.split(b"\0", 1)[0].strip()
-    return int(digits, 8) if digits else 0
-
-
-def _header(block: bytes) -> tuple[str, int, bytes] | None:
-    """One 512-byte tar header -> (name, size, typeflag); None when its checksum is wrong."""
-    try:
-        stored, size = _num(block[148:156]), _num(block[124:136])
-    except ValueError:
-        return None
-    if stored != sum(block[:148]) + 8 * 32 + sum(block[156:]):
-        return None
-    name = block[:100].split(b"\0", 1)[0]
-    if block[257:265] == b"ustar\x0000" and block[345] != 0:  # POSIX: long names are split into a prefix
-        name = block[345:500].split(b"\0", 1)[0] + b"/" + name
-    return name.decode("utf-8", "surrogateescape"), size, block[156:157]
-
-
-def _resync(files: _Files, path: Path, pos: int, size: int) -> int | None:
-    """First offset >= pos (block aligned) holding a valid ustar header, or None."""
-    chunk = 2048 * _BLOCK
-    while pos + _BLOCK <= size:
-        buf = files.read(path, pos, min(chunk, size - pos))
-        j = buf.find(b"ustar", 257)
-        while j != -1:
-            i = j - 257
-            if i % _BLOCK == 0 and i + _BLOCK <= len(buf) and _header(buf[i:i + _BLOCK]) is not None:
-                return pos + i
-            j = buf.find(b"ustar", j + 1)
-        if len(buf) < chunk:
-            return None
-        pos += chunk - _BLOCK  # overlap one block: a header across the chunk boundary is seen whole
-    return None
-
-
-def _key(name: str) -> str:
-    return name.split(".", 1)[0]  # as webdataset and `read_tar_keys`
-
-
-class TarIndex:
-    """Member index of one shard: `members` {name: (data offset, size, crc32 or None)}, `bad` {key: why
-    that sample cannot be served}, `note` (how it was built, when not from its own index file)."""
-
-    def __init__(self, path: Path, files: _Files, index: Path | None = None, index_crc: int | None = None):
-        self.path, self.note, self.damage = path, None, ""
-        self.members: dict[str, tuple[int, int, int | None]] = {}
-        self.bad: dict[str, str] = {}
-        size = files.size(path)
-        why = self._from_index(files, index, index_crc, size) if index is not None else None
-        if index is None or why:
-            if why:
-                self.note = (f"{path}: member index {index.name} unusable ({why}): scanned the tar headers "
-                             "instead, no checksums for this shard")
-            self._scan(files, size)
-        self.by_key: dict[str, list[str]] = {}
-        for name in self.members:
-            self.by_key.setdefault(_key(name), []).append(name)
-
-    def _from_index(self, files: _Files, index: Path, crc: int | None, size: int) -> str | None:
-        data = files.read_file(index)
-        if data is None:
-            return "missing"
-        if crc is not None and zlib.crc32(data) != crc:
-            return "crc32 differs from the manifest's"
-        try:
-            _, members = parse_index(data)
-        except (ValueError, KeyError, TypeError) as e:
-            return f"{type(e).__name__}: {e}"
-        for name, (off, n, c) in members.items():
-            if off + n > size:
-                self.bad.setdefault(_key(name), f"truncated: member {name} ends at byte {off + n}, the file has "
-                                                f"{size} bytes")
-                self.damage = f"the file is truncated at byte {size}"
-            else:
-                self.members[name] = (off, n, c)
-        return None
-
-    def _scan(self, files: _Files, size: int) -> None:
-        """Walk the headers; a member past the end of the file or a damaged header costs only the
-        sample(s) around it (the one in progress may lack members), the walk resumes after a bad header."""
-        pos, last, pending, resumed = 0, None, {}, False
-        while True:
-            block = files.read(self.path, pos, _BLOCK) if pos + _BLOCK <= size else b""
-            if len(block) < _BLOCK:  # cut inside or before a header: the sample in progress may be partial
-                self._damaged(last, f"the tar ends at byte {size} without its end-of-archive blocks (truncated)")
-                return
-            if block == bytes(_BLOCK):
-                return
-            head = _header(block)
-            if head is None:
-                self._damaged(last, f"damaged tar header at byte {pos}")
-                pos, resumed = _resync(files, self.path, pos + _BLOCK, size), True
-                if pos is None:
-                    return
-                continue
-            name, n, kind = head
-            if kind not in (b"L", b"x", b"g"):  # a long name / pax size given just before applies here
-                name, n = pending.pop("path", name), pending.pop("size", n)
-                pending.clear()
-            data = pos + _BLOCK
-            if data + n > size:
-                self._damaged(name if kind in _FILE_TYPES else last,
-                              f"truncated: member {name} ends at byte {data + n}, the file has {size} bytes")
-                return
-            if kind == b"L":  # GNU long name of the next member
-                raw = files.read(self.path, data, n).split(b"\0", 1)[0]
-                pending["path"] = raw.decode("utf-8", "surrogateescape")
-            elif kind == b"x":  # pax header of the next member
-                for rec in files.read(self.path, data, n).decode("utf-8", "replace").split("\n"):
-                    k, _, v = rec.partition(" ")[2].partition("=")
-                    if k == "path":
-                        pending[k] = v
-                    elif k == "size" and v.isdigit():
-                        pending[k] = int(v)
-            elif kind in _FILE_TYPES:
-                self.members[name] = (data, n, None)
-                if resumed:  # the sample after a gap may lack the member whose header was lost
-                    self._damaged(name, "follows a damaged tar header")
-                last, resumed = name, False
-            pos = data + -(-n // _BLOCK) * _BLOCK
-
-    def _damaged(self, name: str | None, why: str) -> None:
-        self.damage = why
-        if name is not None:
-            self.bad.setdefault(_key(name), why)
-
-    def sample(self, key: str, files: _Files) -> dict[str, bytes]:
-        """{"__key__", "<field>": bytes} of one sample, each member's crc32 checked; CorruptSample otherwise."""
-        if key in self.bad:
-            raise CorruptSample(key, "tar", self.bad[key])
-        if key not in self.by_key:
-            raise CorruptSample(key, "tar", f"no member in {self.path.name}"
-                                + (f" ({self.damage})" if self.damage else ""))
-        out = {"__key__": key}
-        for name in self.by_key[key]:
-            off, n, crc = self.members[name]
-            data, field = files.read(self.path, off, n), name[len(key) + 1:]
-            if len(data) != n:
-                raise CorruptSample(key, field.removesuffix(".npy"), f"truncated: {len(data)} of {n} bytes")
-            if crc is not None and zlib.crc32(data) != crc:
-                raise CorruptSample(key, field.removesuffix(".npy"), f"checksum mismatch (crc32 "
-                                    f"{zlib.crc32(data):08x}, index {crc:08x}): flipped bytes")
-            out[field] = data
-        return out
-
-
-# ------------------------------------------------------------------------------ steps
+_TAR_CACHE = 4096  # per-shard TarIndex objects a process keeps (shards the sample index cannot serve)
 
 
 class _Reader:
-    """One worker's sample reads: open files, per-shard indexes (built once) and per-sample failures (cached)."""
+    """One process's sample reads: open files, fallback per-shard indexes (LRU), per-sample failures (cached).
 
-    def __init__(self, stream: _StepStream) -> None:
-        self.s = stream
-        self.files = _Files(stream.max_open_files, stream.io_retries)
-        self.indexes: dict[int, TarIndex] = {}
+    A location is `SampleIndex.locate`'s tuple (gid, shard path, key, indexed, index, index_crc, off, size, crc).
+    """
+
+    def __init__(self, root: Path, max_open: int, retries: int) -> None:
+        self.root = root
+        self.files = Files(max_open, retries)
+        self.tars: OrderedDict[str, TarIndex] = OrderedDict()
         self.bad: dict[int, str] = {}
         self.notes: list[str] = []
 
-    def where(self, gid: int) -> str:
-        shard, key = self.s.locate[gid]
-        return f"{key} ({self.s.shards[shard]})"
+    def _members(self, loc: tuple) -> dict[str, bytes]:
+        _, path, key, indexed, index, index_crc, off, size, crc = loc
+        if not indexed:
+            tar = self.tars.pop(path, None)
+            if tar is None:
+                tar = TarIndex(self.root / path, self.files, None if index is None else self.root / index, index_crc)
+                if tar.note:
+                    self.notes.append(tar.note)
+                while len(self.tars) >= _TAR_CACHE:
+                    self.tars.popitem(last=False)
+            self.tars[path] = tar
+            return tar.sample(key, self.files)
+        have = [j for j, n in enumerate(size) if n >= 0]
+        if not have:
+            raise CorruptSample(key, "tar", f"the sample index lists no member of it in {path}")
+        # A sample's members are adjacent in its tar: one read covers them all.
+        lo, hi = min(off[j] for j in have), max(off[j] + size[j] for j in have)
+        span = self.files.read(self.root / path, lo, hi - lo)
+        out = {"__key__": key}
+        for j in have:
+            name, o, n = FIELDS[j], off[j] - lo, size[j]
+            data = span[o:o + n]
+            if len(data) != n:
+                raise CorruptSample(key, name.removesuffix(".npy"), f"truncated: {len(data)} of {n} bytes (member "
+                                    f"ends at byte {off[j] + n}, the file holds {lo + len(span)})")
+            if zlib.crc32(data) != crc[j]:
+                raise CorruptSample(key, name.removesuffix(".npy"), f"checksum mismatch (crc32 "
+                                    f"{zlib.crc32(data):08x}, index {crc[j]:08x}): flipped bytes")
+            out[name] = data
+        return out
 
-    def read(self, gid: int) -> dict:
+    def read(self, loc: tuple) -> dict:
+        gid = loc[0]
         if gid in self.bad:
             raise CorruptSample(self.bad[gid])
-        shard, key = self.s.locate[gid]
-        if shard not in self.indexes:
-            index, crc = self.s.shard_index[shard]
-            self.indexes[shard] = TarIndex(self.s.root / self.s.shards[shard], self.files,
-                                           None if index is None else self.s.root / index, crc)
-            if self.indexes[shard].note:
-                self.notes.append(self.indexes[shard].note)
         try:
-            return decode_sample(self.indexes[shard].sample(key, self.files))
+            return decode_sample(self._members(loc))
         except CorruptSample as e:
             self.bad[gid] = str(e)
             raise
 
 
-class _StepStream(IterableDataset):
-    """Yields (step_in_epoch, micro-batches, messages, #skipped) for steps [start, end) of one plan."""
+def _where(loc: tuple) -> str:
+    return f"{loc[2]} ({loc[1]})"
 
-    def __init__(self, source: ShardSource, plan: Plan, offset: int, start: int) -> None:
-        self.root, self.shards, self.locate = source.root, source.shard_paths, source.locate
-        self.shard_index, self.bucket_ids = source.shard_index, source.bucket_ids
-        self.rank, self.accum, self.teacher = source.dp_rank, source.grad_accum, source.want_teacher
-        self.max_open_files, self.io_retries = source.max_open_files, source.io_retries
-        self.text_pad_to = source.text_pad_to
-        self.plan, self.offset, self.start = plan, offset, start
-        self._spares: dict[str, tuple[list[int], set[int]]] = {}
 
-    def spares(self, bucket: str) -> tuple[list[int], set[int]]:
-        """(this rank's spare candidates of the bucket, in order; the ones the plan left out), once per stream.
-        Candidates are dealt i ≡ rank mod world size so two ranks never take the same spare."""
-        if bucket not in self._spares:
-            ids = self.bucket_ids.get(bucket, np.zeros(0, np.int64))
-            left = np.intersect1d(np.asarray(self.plan.dropped, np.int64), ids)
-            order = np.concatenate([left, np.setdiff1d(ids, left)])
-            self._spares[bucket] = order[self.rank::self.plan.world_size].tolist(), set(left.tolist())
-        return self._spares[bucket]
+class _Tasks(Dataset):
+    """What a worker holds: the dataset root, limits and text pad lengths; the rest comes with each task.
 
-    def run_step(self, s: int, reader: _Reader) -> tuple[list[Batch], list[str], int]:
-        step = self.plan.steps[s - self.offset]
-        planned = set(step.samples.ravel().tolist())  # every rank's row: a spare is none of them
-        cands, left_out = self.spares(step.bucket)
-        samples, msgs, n_bad, c = [], [], 0, 0
-        for gid in step.samples[self.rank].tolist():
+    task = (plan id, stage key, epoch, step, segments, teacher, n_micro, locations) ->
+    (plan id, stage key, epoch, step, segments, teacher, micro-batches or None, samples or None, skip messages,
+    notes): micro-batches when every sample was read, else the decoded samples (None where one was corrupt)
+    for the main process to fill with spares."""
+
+    def __init__(self, root: Path, max_open: int, retries: int, text_pad_to: tuple[int, ...]) -> None:
+        self.root, self.max_open, self.retries, self.text_pad_to = root, max_open, retries, text_pad_to
+        self._reader: _Reader | None = None
+        self.pid = None
+
+    def reader(self) -> _Reader:
+        """This process's reader (open files, caches), made on first use in each process."""
+        if self._reader is None or self.pid != os.getpid():
+            self._reader, self.pid = _Reader(self.root, self.max_open, self.retries), os.getpid()
+        return self._reader
+
+    def __getitem__(self, task: tuple) -> tuple:
+        reader = self.reader()
+        pid, key, epoch, s, segments, teacher, n_micro, locs = task
+        slots, fails = [], []
+        for loc in locs:
             try:
-                samples.append(reader.read(gid))
-                continue
+                slots.append(reader.read(loc))
             except CorruptSample as e:
-                n_bad += 1
-                msgs.append(f"{reader.where(gid)}: skipped: {e}")
-            key = self.locate[gid][1]
-            while c < len(cands):
-                spare, c = cands[c], c + 1
-                if spare in planned:
-                    continue
-                try:
-                    samples.append(reader.read(spare))
-                except CorruptSample as e:  # counted when it is planned, not each time it is tried
-                    msgs.append(f"{reader.where(spare)}: spare candidate is corrupt too, not used: {e}")
-                    continue
-                msgs.append(f"{reader.where(spare)}: " + (
-                    f"used as a spare for {key} (left out of this epoch's plan)" if spare in left_out
-                    else f"repeated as a spare for {key}"))
-                break
-            else:
-                msgs.append(f"{reader.where(gid)}: no spare of bucket {step.bucket} left for this rank")
-        # A function of the plan only (all rows of a step have the same length; max() in case one did not):
-        # every rank runs the same number of forward/backward passes.
-        n_micro = min(self.accum, max(len(r) for r in step.samples))
+                slots.append(None)
+                fails.append(f"{_where(loc)}: skipped: {e}")
         notes, reader.notes = reader.notes, []
-        return collate_micro(samples, n_micro, self.teacher, self.text_pad_to), notes + msgs, n_bad
+        batches = None if fails else collate_micro(slots, n_micro, teacher, self.text_pad_to)
+        return pid, key, epoch, s, segments, teacher, batches, (slots if fails else None), fails, notes
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.files.close()
+
+
+def _identity(x):
+    return x  # the default collate would turn the decoded numpy arrays of a failed step into tensors
+
+
+class _Feed(Sampler):
+    """The DataLoader's sampler: tasks from the source's dispatch cursor, pulled as workers need them.
+
+    Holds the source weakly (the source owns the DataLoader, whose iterator owns this): a dropped source is
+    freed at once, and with it the DataLoader iterator, which stops the workers."""
+
+    def __init__(self, source: ShardSource) -> None:
+        self._source = weakref.ref(source)
 
     def __iter__(self):
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        reader = _Reader(self)
-        try:
-            for s in range(self.start, self.offset + self.plan.num_steps):
-                if (s - self.start) % nw == wid:
-                    yield (s, *self.run_step(s, reader))
-        finally:
-            reader.files.close()
+        return self
+
+    def __next__(self) -> tuple:
+        src = self._source()
+        if src is None:
+            raise StopIteration
+        return src._next_task()
+
+
+@dataclass
+class _Cursor:
+    """Where the feed dispatches next: a stage position plus how many tasks of this stage it may still send
+    (None: no end announced) and the feed's task count when the stage began."""
+
+    stage: StageConfig
+    teacher: bool
+    key: str
+    epoch: int
+    step: int
+    segments: list[list[int]]
+    left: int | None
+    began: int = 0
+    pid: int | None = None  # id of the rank plan being dispatched
+
+
+def _stage_key(stage: StageConfig) -> str:
+    return json.dumps([stage.name, stage.buckets, stage.token_budget, stage.attention_aware])
+
+
+
+# ------------------------------------------------------------------------------ collation
 
 
 def collate(samples: list[dict], teacher: bool,
@@ -446,6 +256,7 @@ def collate_micro(samples: list[dict], n_micro: int, teacher: bool,
     return real + [dataclasses.replace(real[i % len(real)], padding=True) for i in range(n_micro - len(real))]
 
 
+
 # ------------------------------------------------------------------------------ the source
 
 
@@ -455,9 +266,12 @@ class ShardSource:
     After `next_step`: `last_skipped` — this rank's messages of that step (sample key, shard path, reason;
     spare notes too); `last_skipped_count` — how many of this rank's planned samples of that step were
     corrupt (spare notes and corrupt spare candidates are not counted); `skipped_total` — their running
-    sum on this rank (checkpointed). `startup_notes` — one line naming every shard whose size differs
-    from the manifest's `bytes` (also logged as a warning at construction).
+    sum on this rank (checkpointed). `startup_notes` — one line naming every shard of this rank's share
+    (shards i ≡ dp_rank mod dp_size: all ranks together check each shard once) whose size differs from the
+    manifest's `bytes` (also logged as a warning at construction).
     """
+
+    takes_stage_hints = True  # set_stage(..., steps=, upcoming=): the trainer may announce the next stage
 
     def __init__(self, *, root: str, num_workers: int = 2, prefetch_factor: int = 2, pin_memory: bool | None = None,
                  max_open_files: int = 64, io_retries: int = 3,
@@ -471,17 +285,17 @@ class ShardSource:
             raise ValueError(f"data.io_retries={io_retries} must be >= 0 (retries of a failing shard read)")
         self.text_pad_to = check_pad_to(text_pad_to)
         self.root = Path(root)
-        self.manifest = load_manifest(self.root)  # a missing shard fails here, at start-up
+        index = SampleIndex.open(self.root)
+        if index is None:  # a dataset from before the sample index, or a manifest edited since
+            index = SampleIndex.from_manifest(load_manifest(self.root))
+        index.check_version(self.root)
+        self.index = index
+        self.manifest = index.head  # the manifest without its per-shard list (buckets, totals, encoders, ...)
         max_text = self.manifest.get("max_text_len")
         if isinstance(max_text, int) and max_text > self.text_pad_to[-1]:
             raise ValueError(f"data.text_pad_to={self.text_pad_to}: the shards hold captions of up to {max_text} "
                              f"text tokens (manifest max_text_len) but the largest pad length is "
                              f"{self.text_pad_to[-1]}: add a length >= {max_text} to data.text_pad_to")
-        self.shard_paths = [s["path"] for s in self.manifest["shards"]]
-        self.shard_index = [(s.get("index"), s.get("index_crc")) for s in self.manifest["shards"]]
-        self.locate = [(i, k) for i, s in enumerate(self.manifest["shards"]) for k in s["keys"]]
-        self.shard_bucket = [s["bucket"] for s in self.manifest["shards"]]
-        self.bucket_ids = sample_ids_by_bucket(self.manifest)
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.max_open_files, self.io_retries = int(max_open_files), int(io_retries)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
@@ -489,7 +303,7 @@ class ShardSource:
         self.text_dim, self.image_dim = text_dim, image_dim
         self.stage: StageConfig | None = None
         self.want_teacher = False
-        # position within the current stage
+        # position of the last step handed out, within the current stage (what the checkpoint stores)
         self.stage_key: str | None = None
         self.epoch = 0
         self.step_in_epoch = 0
@@ -497,22 +311,43 @@ class ShardSource:
         self.skipped_total = 0
         self.last_skipped: list[str] = []
         self.last_skipped_count = 0
-        self.startup_notes = self._check_sizes()
+        self.startup_notes = self._check_shards()
+        self._tasks_ds = _Tasks(self.root, self.max_open_files, self.io_retries, self.text_pad_to)
+        # spares are read here; without workers by the same reader as the steps (one set of open files)
+        self._spare_reader = (self._tasks_ds.reader() if num_workers == 0
+                              else _Reader(self.root, self.max_open_files, self.io_retries))
+        self._loader: DataLoader | None = None
         self._iter = None
-        self._plan: Plan | None = None
-        self._offset = 0
+        self._cursor: _Cursor | None = None
+        self._left: int | None = None  # tasks of the current stage the feed may still send (None: unbounded)
+        self._upcoming: tuple[StageConfig, bool] | None = None
+        self._plans: dict[int, RankPlan] = {}  # plans with tasks in flight or being consumed, by id
+        self._plan_id = 0
+        self._dispatched = self._consumed = 0
 
-    def _check_sizes(self) -> list[str]:
-        """One line naming every shard whose size on disk differs from the manifest (truncated, rewritten)."""
-        bad = []
-        for s in self.manifest["shards"]:
-            path = self.root / s["path"]
+    def _check_shards(self) -> list[str]:
+        """This rank's share of the shards (i ≡ dp_rank mod dp_size) must exist; one line naming each whose size
+        on disk differs from the manifest (truncated, rewritten)."""
+        sh = self.index.shards
+        mine = np.arange(self.dp_rank, sh.shape[0], self.dp_size)
+        rows = sh[mine]
+        bad, missing = [], []
+        for path, want in zip(rows["path"].tolist(), rows["bytes"].tolist(), strict=True):
+            path = path.decode()
             try:
-                size = path.stat().st_size
+                size = (self.root / path).stat().st_size
+            except FileNotFoundError:
+                missing.append(path)
+                continue
             except OSError as e:
-                raise _io_error(path, e, 1) from e
-            if "bytes" in s and size != int(s["bytes"]):
-                bad.append(f"{s['path']} ({size} bytes, manifest {s['bytes']})")
+                raise io_error(self.root / path, e, 1) from e
+            if want >= 0 and size != want:
+                bad.append(f"{path} ({size} bytes, manifest {want})")
+        if missing:
+            shown = ", ".join(missing[:20]) + (f" ... ({len(missing)} in all)" if len(missing) > 20 else "")
+            raise FileNotFoundError(f"{self.root / MANIFEST_NAME} lists {len(missing)} shard(s) missing on disk under "
+                                    f"{self.root}: {shown}. Re-run motif-preprocess with the same --input/--out to "
+                                    "rebuild them.")
         if not bad:
             return []
         shown = ", ".join(bad[:10]) + (f", ... ({len(bad)} in all)" if len(bad) > 10 else "")
@@ -530,36 +365,72 @@ class ShardSource:
         e = torch.from_numpy(np.load(self.root / name, allow_pickle=False).astype(np.float32))
         return e, torch.ones(e.shape[0], dtype=torch.bool)
 
-    def set_stage(self, stage: StageConfig, *, teacher: bool) -> None:
+    def set_stage(self, stage: StageConfig, *, teacher: bool, steps: int | None = None,
+                  upcoming: tuple[StageConfig, bool] | None = None) -> None:
+        """Serve `stage` from now on. `steps`: how many `next_step` calls this stage gets (the feed stops
+        there instead of prefetching past the stage's end); `upcoming`: (next stage, its teacher flag), which
+        the feed then prefetches into, so the workers never idle at the boundary. Both are optional hints."""
         if stage.token_budget is None:
             raise ValueError(f"curriculum stage {stage.name!r}: token_budget is required with shard data "
                              "(video tokens per rank per step)")
-        key = json.dumps([stage.name, stage.buckets, stage.token_budget, stage.attention_aware])
+        key = _stage_key(stage)
+        if self._continues(key, teacher, steps):
+            self.stage, self.want_teacher, self._upcoming = stage, teacher, upcoming
+            return
         if key != self.stage_key:  # a new stage starts at epoch 0 (a resume restores the position after)
             self.stage_key, self.epoch, self.step_in_epoch = key, 0, 0
             self.segments = [[0, self.dp_size]]
         self.stage, self.want_teacher = stage, teacher
+        self._left, self._upcoming = steps, upcoming
         self._reset()
+
+    def _continues(self, key: str, teacher: bool, steps: int | None) -> bool:
+        """True when the feed is already dispatching `key` from where the trainer is: keep the pipeline."""
+        c = self._cursor
+        if self._iter is None or c is None or c.key != key or c.teacher != teacher:
+            return False
+        if key == self.stage_key:  # the same stage again
+            ahead = self._dispatched - self._consumed
+            if c.began > self._consumed:
+                return False
+        else:  # the feed moved on into this stage (`upcoming`): the trainer must have consumed all before it
+            if c.began != self._consumed:
+                return False
+            ahead = self._dispatched - c.began
+        if steps is not None:
+            if steps < ahead:
+                return False  # prefetched past this stage's end: start over from the trainer's position
+            c.left = steps - ahead
+        if key != self.stage_key:
+            self.stage_key, self.epoch, self.step_in_epoch = key, 0, 0
+            self.segments = [[0, self.dp_size]]
+        return True
 
     def next_step(self, step: int) -> list[Batch]:
         if self._iter is None:
             self._start()
         try:
-            s, batches, msgs, n_bad = next(self._iter)
-        except StopIteration:  # epoch done: the next epoch has a fresh (seed, epoch) plan
-            self.epoch, self.step_in_epoch = self.epoch + 1, 0
-            self.segments = [[0, self.dp_size]]
-            self._reset()
+            res = next(self._iter)
+        except StopIteration:  # the announced end of the stage passed: keep serving it
+            self._left = None
             self._start()
-            s, batches, msgs, n_bad = next(self._iter)
-        assert s == self.step_in_epoch, (s, self.step_in_epoch)
-        self.step_in_epoch += 1
+            res = next(self._iter)
+        self._consumed += 1
+        pid, key, epoch, s, segments, teacher, batches, slots, fails, notes = res
+        self.stage_key, self.epoch, self.step_in_epoch, self.segments = key, epoch, s + 1, segments
+        for old in [p for p in self._plans if p < pid]:
+            del self._plans[old]  # every task of it has been consumed
+        rp = self._plans[pid]
+        msgs, n_bad = list(notes), len(fails)
+        if batches is None:
+            batches, more = self._with_spares(rp, s, teacher, slots, fails)
+            msgs += more
         self.last_skipped, self.last_skipped_count = msgs, n_bad  # logged / summed over ranks by the trainer
         self.skipped_total += n_bad
         if not batches:
-            plan_step = self._plan.steps[s - self._offset]
-            keys = [self.locate[g][1] for g in plan_step.samples[self.dp_rank].tolist()]
-            raise RuntimeError(f"step {step}: every sample of this rank's batch {keys} (bucket {plan_step.bucket}) "
+            bucket, ids, _ = rp.step(s)
+            keys = [self.index.key(g) for g in ids.tolist()]
+            raise RuntimeError(f"step {step}: every sample of this rank's batch {keys} (bucket {bucket}) "
                                f"is corrupt and no spare sample of the bucket is left: {msgs}. Re-run "
                                "motif-preprocess for these clips, or drop the bucket from the stage")
         return batches
@@ -579,26 +450,120 @@ class ShardSource:
                 self.segments.append([self.step_in_epoch, self.dp_size])
         self._reset()
 
+    def close(self) -> None:
+        """Stop the workers (they otherwise live as long as the source) and close this process's files."""
+        it, self._iter, self._loader = (self._loader._iterator if self._loader is not None else None), None, None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self._spare_reader.files.close()
+        self._tasks_ds.close()
+
     # ---- internals -----------------------------------------------------------------------
     def _reset(self) -> None:
-        self._iter, self._plan = None, None
+        self._iter, self._cursor = None, None
 
-    def _stage_plan(self) -> tuple[Plan, int]:
-        st = self.stage
+    def _stage_plan(self, stage: StageConfig | None = None, epoch: int | None = None,
+                    segments: list[list[int]] | None = None) -> tuple[Plan, int]:
+        """The full plan (every rank's rows) of a stage position (default: the current one) and its offset."""
+        st = self.stage if stage is None else stage
+        epoch, segments = (self.epoch, self.segments) if epoch is None else (epoch, segments)
         names = [bucket_name(*b) for b in st.buckets]
-        kw = dict(token_budget=st.token_budget, seed=self.seed, epoch=self.epoch,
-                  attention_aware=st.attention_aware)
-        if len(self.segments) == 1:
-            return build_plan(self.manifest, names, world_size=self.dp_size, **kw), 0
-        return replan(self.manifest, names, segments=[tuple(s) for s in self.segments], **kw)
+        kw = dict(token_budget=st.token_budget, seed=self.seed, epoch=epoch, attention_aware=st.attention_aware)
+        manifest = self.index.plan_manifest()
+        if len(segments) == 1:
+            return build_plan(manifest, names, world_size=self.dp_size, **kw), 0
+        return replan(manifest, names, segments=[tuple(s) for s in segments], **kw)
+
+    def _rank_plan(self, c: _Cursor) -> int:
+        """Build this rank's view of the cursor's plan; returns its id (the full plan is dropped here)."""
+        plan, offset = self._stage_plan(c.stage, c.epoch, c.segments)
+        if plan.num_steps == 0:
+            raise ValueError(f"curriculum stage {c.stage.name!r} plans no step at {self.dp_size} ranks: its buckets "
+                             f"{c.stage.buckets} hold fewer samples than the world size; add data or drop them")
+        ids = sample_ids_by_bucket(self.index.plan_manifest())
+        self._plan_id += 1
+        self._plans[self._plan_id] = RankPlan.of(plan, offset, self.dp_rank, self.grad_accum, ids)
+        return self._plan_id
+
+    def _next_task(self) -> tuple:
+        """The feed: the next step's task from the dispatch cursor, across epochs and into `upcoming`;
+        StopIteration when the announced end of the stage is reached and nothing comes after it."""
+        while True:
+            c = self._cursor
+            if c is None:
+                raise StopIteration
+            if c.left == 0:
+                if self._upcoming is None:
+                    raise StopIteration
+                stage, teacher = self._upcoming
+                self._upcoming = None
+                self._cursor = _Cursor(stage, teacher, _stage_key(stage), 0, 0, [[0, self.dp_size]], None,
+                                       began=self._dispatched)
+                continue
+            if c.pid not in self._plans:
+                c.pid = self._rank_plan(c)
+            if c.step >= self._plans[c.pid].end:  # epoch done: the next epoch has a fresh (seed, epoch) plan
+                c.epoch, c.step, c.segments = c.epoch + 1, 0, [[0, self.dp_size]]
+                c.pid = self._rank_plan(c)
+            _, ids, n_micro = self._plans[c.pid].step(c.step)
+            task = (c.pid, c.key, c.epoch, c.step, [list(x) for x in c.segments], c.teacher, n_micro,
+                    self.index.locate(ids))
+            c.step += 1
+            if c.left is not None:
+                c.left -= 1
+            self._dispatched += 1
+            return task
+
+    def _local(self):
+        """Without workers: the steps, read in this process."""
+        while True:
+            try:
+                task = self._next_task()
+            except StopIteration:
+                return
+            yield self._tasks_ds[task]
 
     def _start(self) -> None:
-        self._plan, self._offset = self._stage_plan()
-        stream = _StepStream(self, self._plan, self._offset, self.step_in_epoch)
+        """(Re)start the feed at the trainer's position; the workers, once started, are reused."""
+        self._cursor = _Cursor(self.stage, self.want_teacher, self.stage_key, self.epoch, self.step_in_epoch,
+                               [list(s) for s in self.segments], self._left)
+        self._dispatched = self._consumed = 0
+        self._plans.clear()
         if self.num_workers > 0:
-            loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                                prefetch_factor=self.prefetch_factor, pin_memory=self.pin_memory,
-                                persistent_workers=False)
+            if self._loader is None:
+                self._loader = DataLoader(self._tasks_ds, batch_size=None, sampler=_Feed(self),
+                                          collate_fn=_identity, num_workers=self.num_workers,
+                                          prefetch_factor=self.prefetch_factor, pin_memory=self.pin_memory,
+                                          persistent_workers=True)
+            self._iter = iter(self._loader)  # persistent workers: a reset drains in-flight tasks, no respawn
         else:
-            loader = stream
-        self._iter = iter(loader)
+            self._iter = self._local()
+
+    def _with_spares(self, rp: RankPlan, s: int, teacher: bool, slots: list, fails: list[str]):
+        """Fill the corrupt slots of step s with spares (module doc); (micro-batches, messages)."""
+        bucket, ids, n_micro = rp.step(s)
+        cands, left = rp.cands[bucket], rp.cand_left[bucket]
+        samples, msgs, c, fail = [], [], 0, iter(fails)
+        for gid, slot in zip(ids.tolist(), slots, strict=True):
+            if slot is not None:
+                samples.append(slot)
+                continue
+            msgs.append(next(fail))
+            key = self.index.key(gid)
+            while True:
+                c = rp.next_spare(bucket, s, c)
+                if c >= cands.shape[0]:
+                    msgs.append(f"{self.index.where(gid)}: no spare of bucket {bucket} left for this rank")
+                    break
+                spare, is_left, c = int(cands[c]), bool(left[c]), c + 1
+                try:
+                    samples.append(self._spare_reader.read(self.index.locate([spare])[0]))
+                except CorruptSample as e:  # counted when it is planned, not each time it is tried
+                    msgs.append(f"{self.index.where(spare)}: spare candidate is corrupt too, not used: {e}")
+                    continue
+                msgs.append(f"{self.index.where(spare)}: " + (
+                    f"used as a spare for {key} (left out of this epoch's plan)" if is_left
+                    else f"repeated as a spare for {key}"))
+                break
+        notes, self._spare_reader.notes = self._spare_reader.notes, []
+        return collate_micro(samples, n_micro, teacher, self.text_pad_to), notes + msgs

@@ -4,14 +4,23 @@ The plan is computed from the preprocessing manifest before training (DESIGN.md,
 id* is the index into the concatenation of all shards' ``keys`` lists in manifest order. Every step draws
 from ONE bucket on all ranks (``Step.samples`` has one row per rank, all rows the same length), so no rank
 ever waits on another with a different shape. The per-rank batch of a bucket follows a token budget
-(:func:`bucket_batch_size`).
+(:func:`bucket_batch_size`): ``per_rank * tokens <= token_budget`` on every step, so the budget is the
+number a user sizes activation memory with (a bucket whose ONE sample is over budget runs one per rank and
+is listed in :func:`plan_stats`'s ``over_budget``).
 
-Utilization (scheduled / stage samples) per epoch: each bucket is cut into full steps of
-``world_size * b`` samples plus at most one smaller *tail step* with ``r // world_size`` samples per rank,
-so at most ``world_size - 1`` samples per bucket are left out of an epoch. It is therefore >= 97% as soon
-as every bucket holds >= 34 * world_size samples, and ~99% on realistic data; it is lower only for tiny
-buckets (a bucket with fewer than ``world_size`` samples is dropped entirely). Dropped ids are random
-(the bucket is shuffled per epoch), so nothing is left out systematically across epochs.
+Tail folding (:func:`_bucket_steps`): each bucket's ``q = n // world_size`` samples per rank are cut into
+``s = ceil(q / b)`` steps. If the last step would carry less than ``min_fill`` of the budget (a *short*
+step: 3 images where 32 fit; :func:`min_step_batch`), the bucket's steps are balanced instead (sizes
+``q // s`` or one more) when that keeps every step at >= ``min_fill``; otherwise the short tail is left out
+of this epoch (cheapest tails first, while the plan's total left-out stays <= ``max_drop`` of the stage),
+and kept as a short step only when neither fits (a bucket smaller than one step, or the allowance is
+spent). Left-out ids are random (the bucket is shuffled per epoch), so nothing is left out systematically
+across epochs.
+
+Utilization (scheduled / stage samples) per epoch: < ``world_size`` samples per bucket are always left out
+(every rank takes the same number), plus folded tails within ``max_drop``; it is therefore >= 97% as soon
+as every bucket holds >= 34 * world_size samples, and >= 99% on realistic data; it is lower only for tiny
+buckets (a bucket with fewer than ``world_size`` samples is dropped entirely).
 
 Everything is deterministic from (manifest, buckets, world_size, token_budget, seed, epoch, exclude):
 random generators are seeded with a SHA-256 of the bucket name (never Python's salted ``hash``).
@@ -23,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +40,8 @@ import numpy as np
 
 PLAN_FORMAT = 1
 _U64 = 2**64
+MIN_FILL = 0.9  # a step with fewer than this share of its bucket's full per-rank batch is "short"
+MAX_DROP = 0.01  # folding short tails may leave out samples while the plan leaves out <= 1 % in total
 
 
 def _stable_int(text: str) -> int:
@@ -41,30 +53,46 @@ def _rng(seed: int, epoch: int, tag: str) -> np.random.Generator:
 
 
 def bucket_batch_size(tokens: int, token_budget: int, *, attention_aware: bool = False,
-                      ref_tokens: int | None = None) -> int:
+                      ref_tokens: int | None = None, base_tokens: int | None = None) -> int:
     """Per-RANK batch size of a bucket whose samples have ``tokens`` DiT video tokens.
 
-    Plain: ``max(1, token_budget // tokens)`` (a fixed number of tokens per rank and step).
+    Plain: ``max(1, token_budget // tokens)``: a rank never holds more than ``token_budget`` video tokens
+    in a step (activation memory is linear in tokens with flash / cuDNN attention), unless one sample
+    alone is larger.
 
-    Attention-aware: a sample of N tokens costs ``N + N**2 / ref`` (linear layers ~N, self-attention
-    ~N**2; the quadratic term is normalized so that at the reference length ``ref`` both halves weigh
-    the same). The budget is the cost of ``token_budget`` tokens cut into samples of ``ref`` tokens,
-    ``(token_budget / ref) * 2 * ref = 2 * token_budget``, and the batch is
-    ``max(1, floor(2 * token_budget / (N + N**2 / ref)))``. At N == ref it equals the plain batch; longer
-    clips (N > ref) get proportionally smaller batches than the plain rule and shorter ones larger batches,
-    since their attention is cheap. ``ref`` defaults to ``tokens`` (then it equals the plain rule);
-    :func:`build_plan` passes the largest bucket's tokens in the stage. Exact integer arithmetic.
+    Attention-aware: the same bound, and batches of longer clips shrink further so that every bucket's
+    step costs about the same compute. A sample of N tokens costs ``c(N) = N + N**2 / ref`` (linear layers
+    ~N, self-attention ~N**2, the quadratic term normalised so that both halves weigh the same at
+    ``ref``, the stage's largest bucket). The shortest bucket of the stage (``base``) fills the budget,
+    ``b0 = token_budget // base``, and a bucket of N tokens gets ``round(b0 * c(base) / c(N))``, capped
+    at the plain batch: rounding (not flooring) because the compute match is a target while the token
+    bound is the hard limit (2 clips of 32,760 tokens next to 31,941-token ones stay 2, not 1).
+    ``ref`` and ``base`` default to ``tokens`` (then it equals the plain rule); :func:`build_plan` passes
+    the stage's largest and smallest bucket. Exact integer arithmetic.
     """
     tokens, token_budget = int(tokens), int(token_budget)
     if tokens < 1 or token_budget < 1:
         raise ValueError(f"tokens={tokens} and token_budget={token_budget} must be >= 1")
+    plain = max(1, token_budget // tokens)
     if not attention_aware:
-        return max(1, token_budget // tokens)
+        return plain
     ref = tokens if ref_tokens is None else int(ref_tokens)
-    if ref < 1:
-        raise ValueError(f"ref_tokens={ref} must be >= 1")
-    # floor(2B / (N + N^2/ref)) == (2 B ref) // (N (ref + N))
-    return max(1, (2 * token_budget * ref) // (tokens * (ref + tokens)))
+    base = tokens if base_tokens is None else int(base_tokens)
+    if ref < 1 or base < 1:
+        raise ValueError(f"ref_tokens={ref} and base_tokens={base} must be >= 1")
+    # c(N) * ref = N (ref + N); round(x / y) == (2x + y) // (2y)
+    target = max(1, token_budget // base) * base * (ref + base)
+    cost = tokens * (ref + tokens)
+    return max(1, min(plain, (2 * target + cost) // (2 * cost)))
+
+
+def effective_tokens(tokens: int, *, attention_aware: bool, ref_tokens: int, base_tokens: int) -> float:
+    """What one sample counts against the budget in the planner's cost model: N (plain), or
+    ``N (ref + N) / (ref + base)`` (attention-aware: the stage's shortest bucket counts its tokens, longer
+    clips more for their attention). A full step's ``per_rank * effective_tokens`` is ~ the budget."""
+    if not attention_aware:
+        return float(tokens)
+    return tokens * (ref_tokens + tokens) / (ref_tokens + base_tokens)
 
 
 def sample_ids_by_bucket(manifest: dict) -> dict[str, np.ndarray]:
@@ -180,14 +208,43 @@ class Plan:
                    per_rank_batch=[int(v) for v in a["per_rank_batch"]])
 
 
+def min_step_batch(b: int, eff_tokens: float, token_budget: int, min_fill: float) -> int:
+    """The smallest per-rank batch that is not a *short* step: ``min_fill`` of the budget in effective
+    tokens, or the full batch ``b`` where even that carries less (a bucket whose samples do not divide
+    the budget finely, e.g. one 114k-token clip under a 120k budget)."""
+    return max(1, min(b, math.ceil(round(min_fill * token_budget / eff_tokens, 9))))  # round: 0.9*10 == 9
+
+
+def _bucket_steps(q: int, b: int, need: int) -> tuple[list[int], int]:
+    """Per-rank sizes of the steps of a bucket with ``q`` samples per rank, full batch ``b`` and no step
+    under ``need`` if it can be helped.
+
+    Returns (sizes, short tail): the tail is > 0 only when the last step is short and balancing cannot
+    lift every step to ``need``; then it is the tail's per-rank size (what leaving it out costs).
+    """
+    if q <= 0:
+        return [], 0
+    s = -(-q // b)
+    tail = q - (s - 1) * b
+    if tail >= need:
+        return [b] * (s - 1) + [tail], 0
+    base, extra = divmod(q, s)
+    if base >= need:  # spread the tail over the bucket's steps: every one stays >= need
+        return [base + 1] * extra + [base] * (s - extra), 0
+    return [b] * (s - 1) + [tail], tail
+
+
 def build_plan(manifest: dict, buckets: list[str], *, world_size: int, token_budget: int, seed: int,
-               epoch: int, attention_aware: bool = False, exclude: np.ndarray | None = None) -> Plan:
+               epoch: int, attention_aware: bool = False, exclude: np.ndarray | None = None,
+               min_fill: float = MIN_FILL, max_drop: float = MAX_DROP) -> Plan:
     """Plan one epoch over the samples of ``buckets`` (minus ``exclude``, the already consumed ids).
 
     Per bucket: shuffle its ids (generator seeded from (seed, epoch, bucket name)); per-rank batch
-    ``b = bucket_batch_size(tokens, token_budget, ...)`` (attention-aware: ref = the stage's largest
-    bucket); cut into full steps of ``world_size * b``; a remainder ``r >= world_size`` becomes one tail step
-    of ``r // world_size`` per rank; the last ``r % world_size`` (< world_size) ids go to ``dropped``.
+    ``b = bucket_batch_size(tokens, token_budget, ...)`` (attention-aware: ref / base = the stage's largest /
+    smallest bucket); the last ``n % world_size`` ids go to ``dropped``; the rest are cut into steps of
+    ``b`` per rank with the tail folded (:func:`_bucket_steps`). Short tails that balancing cannot fix are
+    left out, cheapest (fewest samples) first, while all of ``dropped`` stays <= ``max_drop`` of the
+    stage's samples; buckets of a single step are never left out (that would skip the bucket every epoch).
     Then the order of all steps is shuffled (seeded from (seed, epoch)) so buckets interleave.
     Raises ValueError for a bucket that is not in the manifest.
     """
@@ -195,15 +252,18 @@ def build_plan(manifest: dict, buckets: list[str], *, world_size: int, token_bud
         raise ValueError(f"world_size={world_size} must be >= 1")
     if token_budget < 1:
         raise ValueError(f"token_budget={token_budget} must be >= 1")
+    if not 0 < min_fill <= 1 or not 0 <= max_drop < 1:
+        raise ValueError(f"min_fill={min_fill} must be in (0, 1] and max_drop={max_drop} in [0, 1)")
     names = _stage_buckets(manifest, buckets)
     ids_by_bucket = sample_ids_by_bucket(manifest)
     tokens = {b: int(manifest["buckets"][b]["tokens"]) for b in names}
-    ref = max(tokens.values())
+    ref, base = max(tokens.values()), min(tokens.values())
     excl = None if exclude is None else np.unique(np.asarray(exclude, np.int64))
 
-    steps: list[Step] = []
+    layouts: list[tuple[str, np.ndarray, list[int]]] = []
     dropped: list[np.ndarray] = []
     batches: list[int] = []
+    tails: list[tuple[int, str, int]] = []  # (samples it would leave out, bucket, layout index)
     total = 0
     for name in names:
         ids = ids_by_bucket.get(name, np.zeros(0, np.int64))
@@ -211,18 +271,35 @@ def build_plan(manifest: dict, buckets: list[str], *, world_size: int, token_bud
             ids = ids[~np.isin(ids, excl, assume_unique=True)]
         total += ids.size
         ids = _rng(seed, epoch, f"bucket:{name}").permutation(ids)
-        b = bucket_batch_size(tokens[name], token_budget, attention_aware=attention_aware, ref_tokens=ref)
+        b = bucket_batch_size(tokens[name], token_budget, attention_aware=attention_aware, ref_tokens=ref,
+                              base_tokens=base)
         batches.append(b)
-        per_step = world_size * b
-        n_full = ids.size // per_step
-        full = ids[:n_full * per_step].reshape(n_full, world_size, b)
-        steps.extend(Step(name, full[i]) for i in range(n_full))
-        rest = ids[n_full * per_step:]
-        tail = rest.size // world_size
-        if tail:
-            steps.append(Step(name, rest[:tail * world_size].reshape(world_size, tail)))
-        dropped.append(rest[tail * world_size:])
+        eff = effective_tokens(tokens[name], attention_aware=attention_aware, ref_tokens=ref, base_tokens=base)
+        q = ids.size // world_size
+        sizes, tail = _bucket_steps(q, b, min_step_batch(b, eff, token_budget, min_fill))
+        if tail and len(sizes) > 1:
+            tails.append((tail * world_size, name, len(layouts)))
+        dropped.append(ids[q * world_size:])
+        layouts.append((name, ids[:q * world_size], sizes))
 
+    # Leave out the cheapest short tails first: each one removes one short step, so for a given number
+    # of left-out samples this removes the most short steps.
+    allowance = int(max_drop * total) - int(sum(d.size for d in dropped))
+    for cost, _, i in sorted(tails):
+        if cost > allowance:
+            break
+        allowance -= cost
+        name, ids, sizes = layouts[i]
+        keep = (sum(sizes) - sizes[-1]) * world_size
+        layouts[i] = (name, ids[:keep], sizes[:-1])
+        dropped.append(ids[keep:])
+
+    steps: list[Step] = []
+    for name, ids, sizes in layouts:
+        start = 0
+        for size in sizes:
+            steps.append(Step(name, ids[start:start + size * world_size].reshape(world_size, size)))
+            start += size * world_size
     order = _rng(seed, epoch, "step-order").permutation(len(steps))
     return Plan(steps=[steps[i] for i in order], world_size=int(world_size), epoch=int(epoch), seed=int(seed),
                 buckets=names, dropped=np.sort(np.concatenate(dropped)) if dropped else np.zeros(0, np.int64),
@@ -231,7 +308,8 @@ def build_plan(manifest: dict, buckets: list[str], *, world_size: int, token_bud
 
 
 def replan(manifest: dict, buckets: list[str], *, segments: list[tuple[int, int]], token_budget: int, seed: int,
-           epoch: int, attention_aware: bool = False) -> tuple[Plan, int]:
+           epoch: int, attention_aware: bool = False, min_fill: float = MIN_FILL,
+           max_drop: float = MAX_DROP) -> tuple[Plan, int]:
     """Plan the rest of an epoch after world-size changes, without repeating a consumed sample.
 
     ``segments = [(start_step_in_epoch, world_size), ...]``, first start 0, starts non-decreasing (a segment
@@ -246,7 +324,8 @@ def replan(manifest: dict, buckets: list[str], *, segments: list[tuple[int, int]
     starts = [int(s) for s, _ in segments]
     if any(b < a for a, b in zip(starts, starts[1:], strict=False)):
         raise ValueError(f"segments={segments!r}: start steps must be non-decreasing")
-    kw = dict(token_budget=token_budget, seed=seed, epoch=epoch, attention_aware=attention_aware)
+    kw = dict(token_budget=token_budget, seed=seed, epoch=epoch, attention_aware=attention_aware,
+              min_fill=min_fill, max_drop=max_drop)
     consumed: list[np.ndarray] = []
     plan = build_plan(manifest, buckets, world_size=int(segments[0][1]), **kw)
     for (start, _), (nxt, ws) in zip(segments, segments[1:], strict=False):
@@ -310,21 +389,48 @@ def _id_bucket_lookup(manifest: dict, names: list[str]) -> tuple[np.ndarray, np.
     return ids[order], lab[order]
 
 
-def plan_stats(plan: Plan, manifest: dict) -> dict:
-    """Totals and per-bucket numbers (samples = scheduled + dropped of that bucket in this plan)."""
+def plan_stats(plan: Plan, manifest: dict, *, min_fill: float = MIN_FILL) -> dict:
+    """Totals, per-bucket numbers (samples = scheduled + dropped of that bucket in this plan) and what the
+    steps carry against the budget:
+
+    - ``short_steps`` / ``short_fraction``: steps under :func:`min_step_batch` (less than ``min_fill`` of the
+      budget although the bucket's full batch carries more);
+    - ``fill_min`` / ``fill_mean`` and ``full_fraction`` (steps with fill >= ``min_fill``): a step's fill is
+      ``per_rank * effective_tokens / token_budget`` (raw tokens / budget in plain mode);
+    - ``max_tokens_per_rank`` and ``max_budget_ratio`` (its raw video tokens / token_budget, <= 1 unless a
+      bucket's single sample is over budget: those are listed in ``over_budget``).
+    """
     ids, lab = _id_bucket_lookup(manifest, plan.buckets)
     dropped = np.asarray(plan.dropped, np.int64)
     dropped_lab = lab[np.searchsorted(ids, dropped)] if dropped.size else np.zeros(0, np.int64)
     n_dropped = np.bincount(dropped_lab, minlength=len(plan.buckets))
-    per_bucket = {}
+    tokens = {b: int(manifest["buckets"][b]["tokens"]) for b in plan.buckets}
+    ref, base = (max(tokens.values()), min(tokens.values())) if tokens else (1, 1)
+    budget = max(1, plan.token_budget)
+    per_bucket, fills, raw, short = {}, [], [], 0
     for i, name in enumerate(plan.buckets):
         st = [s for s in plan.steps if s.bucket == name]
         sched = int(sum(s.samples.size for s in st))
         b = plan.per_rank_batch[i] if i < len(plan.per_rank_batch) else max((s.per_rank for s in st), default=0)
+        eff = effective_tokens(tokens[name], attention_aware=plan.attention_aware, ref_tokens=ref, base_tokens=base)
+        need = min_step_batch(b, eff, budget, min_fill)
+        n_short = sum(s.per_rank < need for s in st)
+        short += n_short
+        fills += [s.per_rank * eff / budget for s in st]
+        raw += [s.per_rank * tokens[name] for s in st]
         per_bucket[name] = {"samples": sched + int(n_dropped[i]), "scheduled": sched,
-                            "dropped": int(n_dropped[i]), "per_rank_batch": int(b), "steps": len(st)}
-    return {"utilization": plan.utilization, "steps": plan.num_steps, "scheduled": plan.scheduled,
-            "total": plan.total, "dropped": int(dropped.size), "per_bucket": per_bucket}
+                            "dropped": int(n_dropped[i]), "per_rank_batch": int(b), "steps": len(st),
+                            "tokens": tokens[name], "short_steps": int(n_short)}
+    n = plan.num_steps
+    fills_a = np.asarray(fills, np.float64)
+    return {"utilization": plan.utilization, "steps": n, "scheduled": plan.scheduled,
+            "total": plan.total, "dropped": int(dropped.size), "per_bucket": per_bucket,
+            "short_steps": int(short), "short_fraction": short / n if n else 0.0,
+            "full_fraction": float((fills_a >= min_fill - 1e-12).mean()) if n else 1.0,
+            "fill_min": float(fills_a.min()) if n else 1.0, "fill_mean": float(fills_a.mean()) if n else 1.0,
+            "max_tokens_per_rank": int(max(raw, default=0)),
+            "max_budget_ratio": max(raw, default=0) / budget if plan.token_budget else 0.0,
+            "over_budget": sorted(b for b in plan.buckets if tokens[b] > plan.token_budget)}
 
 
 def write_report(plan: Plan, manifest: dict, path: str | Path, *, naive: float | None) -> dict:

@@ -525,12 +525,14 @@ def _finalize(out: Path, enc: _Encoders, settings: dict, stage_map: dict, names:
     entries = []
     for e in _journal_entries(out):
         path = out / e["shard"]
-        keys = S.read_tar_keys(path)
+        # The member index (offsets + crc32) the writer put beside the tar, if it matches the tar: its keys
+        # then come from it (10⁵ shards: no tar is walked at merge either), else from the tar's headers.
+        index = S.index_entry(out, e["shard"])
+        keys = S.index_keys(out / index["index"]) if index else S.read_tar_keys(path)
         if keys != e.get("keys", keys):
             log.warning("%s: journal keys differ from the tar's; using the tar", e["shard"])
-        # The member index (offsets + crc32) the writer put beside the tar, if it matches the tar.
         entries.append({"path": e["shard"], "bucket": S.parse_shard_name(path)[0], "samples": len(keys),
-                        "keys": keys, "bytes": path.stat().st_size, **S.index_entry(out, e["shard"])})
+                        "keys": keys, "bytes": path.stat().st_size, **index})
     fails = _failures(out)
     S.write_atomic(out / S.FAILURES_NAME,
                    "".join(json.dumps({"source": s, "reason": r}) + "\n" for s, r in sorted(fails.items())))

@@ -27,7 +27,9 @@ tar's atomic rename, so a finished tar always has one)::
 crc32 (`zlib.crc32`) is over each member's payload bytes. The manifest's shard entry names it
 (`"index"`, relative to the root) with the crc32 of the index file itself (`"index_crc"`). The loader
 reads members at those offsets without parsing the tar, verifies each crc, and treats a member that
-ends past the end of the file as truncated. A shard without an index (datasets from before it; the
+ends past the end of the file as truncated. `save_manifest` also consolidates all shards' indexes into
+`<root>/sample_index/` (flat numpy arrays, memory-mapped by the loader; format in sample_index.py), so at
+run time no per-shard index file is read either. A shard without an index (datasets from before it; the
 manifest version is unchanged and such manifests still load), or whose index does not match its
 `index_crc`, is indexed by a tolerant walk of its 512-byte tar headers instead: no checksums then,
 only the decode checks below. `decode_sample` also rejects non-finite float arrays (NaN/Inf), so
@@ -68,7 +70,7 @@ _SHARD_RE = re.compile(r"^(?P<bucket>\d+x\d+x\d+)-r(?P<rank>\d+)-(?P<idx>\d+)\.t
 
 __all__ = [
     "MANIFEST_VERSION", "CorruptSample", "ShardWriter", "bucket_name", "bucket_info", "decode_sample",
-    "encode_sample", "index_entry", "latent_shape", "load_manifest", "merge_manifests", "parse_bucket",
+    "encode_sample", "index_entry", "index_keys", "latent_shape", "load_manifest", "merge_manifests", "parse_bucket",
     "parse_index", "save_manifest", "shard_name", "validate_bucket", "video_tokens",
 ]
 
@@ -334,6 +336,12 @@ def parse_index(data: bytes) -> tuple[int, dict[str, tuple[int, int, int]]]:
     return int(idx["tar_bytes"]), members
 
 
+def index_keys(path: PathLike) -> list[str]:
+    """Sample keys of a shard in tar order, from its `<shard>.tar.idx.json` (no tar header is read)."""
+    _, members = parse_index(Path(path).read_bytes())
+    return list(dict.fromkeys(name.split(".", 1)[0] for name in members))
+
+
 def index_entry(root: PathLike, shard: str) -> dict:
     """{"index", "index_crc"} for a manifest shard entry when `<shard>.tar.idx.json` exists and describes
     the tar as it is on disk (same size), else {} (the loader then scans the tar's headers)."""
@@ -563,11 +571,17 @@ def append_jsonl(path: PathLike, record: Mapping) -> None:
         os.fsync(f.fileno())
 
 
-def save_manifest(root: PathLike, manifest: Mapping) -> Path:
-    """Write `<root>/manifest.json` atomically (temp file, fsync, rename)."""
+def save_manifest(root: PathLike, manifest: Mapping, *, sample_index: bool = True) -> Path:
+    """Write `<root>/manifest.json` atomically (temp file, fsync, rename), then (`sample_index`) the
+    consolidated sample index beside it (`sample_index.py`): what the loader reads instead of the manifest's
+    per-shard key lists and the per-shard index files, so its start-up does not grow with the dataset."""
     path = Path(root) / MANIFEST_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(manifest, indent=1) + "\n")
+    if sample_index and "shards" in manifest:
+        from .sample_index import write_sample_index  # it imports this module
+
+        write_sample_index(root, manifest)
     return path
 
 

@@ -13,6 +13,9 @@ from torch.distributed.device_mesh import DeviceMesh
 
 # parallel.ac values (distributed/parallelize.py: apply_ac).
 AC_MODES = ("none", "full", "every_k", "selective")
+# The H200's 141 GB of HBM3e as the driver exposes it: nvidia-smi reports 143,771 MiB = 140.4 GiB (the
+# figure docs/scaling.md uses). The dry run compares its tracked per-rank peak against this.
+H200_GIB = 140.4
 
 
 @dataclass
@@ -35,6 +38,10 @@ class ParallelConfig:
     compile_dynamic: bool | None = None  # None: batch/sequence dims dynamic; False: static; True: all dims
     backend: str = "auto"  # auto: nccl on GPU, gloo on CPU
     timeout_min: int = 30
+    # dry run (motif-dryrun): the world to fake in one CPU process; None outside a dry run
+    simulate_world: int | None = None  # ranks of the simulated run, e.g. 64 (8 nodes x 8 GPUs)
+    simulate_local: int | None = None  # GPUs per node of the simulated run; None: 8, or simulate_world if smaller
+    gpu_memory_gib: float = H200_GIB  # per-GPU memory the dry run's tracked peak must fit (default: an H200)
 
     def __post_init__(self) -> None:
         if self.ac not in AC_MODES:
@@ -50,6 +57,29 @@ class ParallelConfig:
         if isinstance(self.timeout_min, bool) or not isinstance(self.timeout_min, int) or self.timeout_min < 1:
             raise ValueError(f"parallel.timeout_min={self.timeout_min!r} must be an int >= 1 (minutes a collective "
                              "may wait before the rank aborts)")
+        self._check_simulation()
+
+    def _check_simulation(self) -> None:
+        for key in ("simulate_world", "simulate_local"):
+            v = getattr(self, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"parallel.{key}={v!r} must be an int >= 1 (or null)")
+        if self.simulate_local is not None and self.simulate_world is None:
+            raise ValueError("parallel.simulate_local is set but parallel.simulate_world is null; set both (e.g. "
+                             "parallel.simulate_world=64 parallel.simulate_local=8)")
+        if self.simulate_world is not None and self.simulate_world % self.local_world_simulated:
+            raise ValueError(f"parallel.simulate_world={self.simulate_world} is not a whole number of nodes of "
+                             f"parallel.simulate_local={self.local_world_simulated} GPUs; use a multiple of it")
+        if not 0 < self.gpu_memory_gib < float("inf"):
+            raise ValueError(f"parallel.gpu_memory_gib={self.gpu_memory_gib!r} must be a finite number > 0 (GiB of "
+                             f"one GPU; an H200 is {H200_GIB})")
+
+    @property
+    def local_world_simulated(self) -> int:
+        """GPUs per node of the simulated world (`simulate_local`, else 8 or the whole world if smaller)."""
+        if self.simulate_local is not None:
+            return self.simulate_local
+        return min(8, self.simulate_world or 8)
 
     @property
     def timeout(self) -> datetime.timedelta:

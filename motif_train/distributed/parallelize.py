@@ -15,9 +15,10 @@ function per block CLASS (`DualStreamBlock.forward`, `SingleStreamBlock.forward`
 has its own dynamo cache; blocks of one class share graphs. Inputs are made contiguous first (the
 model hands blocks slices such as `h[:, :n]`, whose strides would otherwise be guarded on). A
 graph is compiled the first time a block class sees a new *variant*: its sub-module structure
-(with / without cross-attention), `mask` None vs `KeyMasks` (DDT decoder blocks; the trainer has the
-objective keep the mask of unpadded micro-batches for compiled sdpa blocks, so that is not one), RoPE (N, Dh) vs TREAD-gathered (B, K, Dh),
-the python `img_len` (0 vs the image-token count), a dtype, or a dimension of size 1. With
+(with / without cross-attention), `mask` None vs `KeyMasks` (DDT decoder blocks; the trainer has
+the objective keep the mask of unpadded micro-batches for compiled sdpa blocks, so that is not one),
+RoPE (N, Dh) vs TREAD-gathered (B, K, Dh), the python `img_len` (0 vs the image-token count), a
+dtype, or a dimension of size 1. With
 `compile_dynamic=None` (default) the batch and sequence dims (video tokens N / kept K, context
 L, mask) are marked dynamic from the first call, so a new bucket, a new text pad length
 (`data.text_pad_to`) or new TREAD ids never recompile. `False`: static shapes, one graph per
