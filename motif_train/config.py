@@ -15,10 +15,13 @@ from hydra.core.config_store import ConfigStore
 from motif_train.checkpoint import CheckpointConfig
 from motif_train.data.curriculum import CurriculumConfig, validate_stage
 from motif_train.data.synthetic import SyntheticDataConfig
+from motif_train.distributed.context_parallel import check_cp_degree
 from motif_train.distributed.mesh import ParallelConfig
 from motif_train.ema import EMAConfig
 from motif_train.metrics import LoggerConfig
 from motif_train.models.config import MotifDiTConfig, RoutingConfig
+from motif_train.models.flops import latent_shape, num_video_tokens
+from motif_train.models.routing import num_kept
 from motif_train.objectives.conditioning import ConditioningConfig
 from motif_train.objectives.flow import FlowConfig
 from motif_train.objectives.repa import RepaLossConfig
@@ -70,6 +73,14 @@ class EncodersConfig:
 @dataclass
 class ProfileConfig:
     steps: list[int] = field(default_factory=list)  # [first, last] step to trace
+    # ranks that trace (and record a CUDA memory snapshot); the others do nothing. At 64 GPUs e.g. [0, 7]:
+    # rank 0 and the last rank of the first node
+    ranks: list[int] = field(default_factory=lambda: [0])
+
+    def __post_init__(self) -> None:
+        if not self.ranks or any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in self.ranks):
+            raise ValueError(f"profile.ranks={list(self.ranks)}: give one or more ranks >= 0, e.g. [0] or [0, 7] "
+                             "(turn profiling off with profile.steps=[] instead)")
 
 
 @dataclass
@@ -91,6 +102,20 @@ class TrainConfig:
     encoders: EncodersConfig = field(default_factory=EncodersConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def check_cp_split(i: int, stage, dit: MotifDiTConfig, route: RoutingConfig, cp: int) -> None:
+    """Under `parallel.cp` every bucket's video tokens (and TREAD's kept tokens) split evenly over the
+    CP ranks, and the heads do; raises naming the stage and bucket before any work."""
+    if cp == 1:
+        return
+    check_cp_degree(cp, dit.num_attention_heads)
+    for b in stage.buckets:
+        n = num_video_tokens(dit, latent_shape(*b))
+        kept = num_kept(n, route.ratio) if route.enabled else n
+        if n % cp or kept % cp:
+            raise ValueError(f"curriculum.stages[{i}].buckets {list(b)}: {n} video tokens ({kept} kept by TREAD) do "
+                             f"not split evenly over parallel.cp={cp}; change the bucket, the routing ratio or cp")
 
 
 def uses_shards(cfg: TrainConfig) -> bool:
@@ -146,6 +171,7 @@ def validate(cfg: TrainConfig, *, world_size: int, local_world_size: int | None 
         except ValueError as e:
             raise ValueError(f"curriculum.stages[{i}].routing: {e}") from None
         any_repa |= stage.repa
+        check_cp_split(i, stage, dit, route, cfg.parallel.cp)
     if any_repa and dit.repa.block is None:
         raise ValueError("a curriculum stage has repa: true but model.repa.block is null; set model.repa.block "
                          "(an encoder block index, e.g. 8) or turn REPA off in every stage")

@@ -18,6 +18,8 @@ them back: the step equals the unsharded one (tests/distributed/test_context_par
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
@@ -110,3 +112,23 @@ def apply_cp(model: nn.Module, group: dist.ProcessGroup | None) -> CPGroup | Non
         inner.attn.cp = cp
         inner.attn.cp_ctx_sharded = i >= model.config.num_layers + enc_single  # decoder: ctx = encoder video
     return cp
+
+
+@contextlib.contextmanager
+def cp_disabled(model: nn.Module):
+    """Run the model unsplit for a while (validation sampling: each rank samples its own prompt over
+    the whole sequence; FSDP still gathers parameters in lockstep), then restore the split."""
+    cp = getattr(model, "cp", None)
+    attns = [m for m in model.modules() if hasattr(m, "cp_ctx_sharded")]
+    if cp is None:
+        yield
+        return
+    model.cp = None
+    for m in attns:
+        m.cp = None
+    try:
+        yield
+    finally:
+        model.cp = cp
+        for m in attns:
+            m.cp = cp

@@ -78,7 +78,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def test_cp2_equals_the_unsharded_model(tmp_path):
+def test_cp2_model_equals_the_unsharded_model(tmp_path):
     init_file = tempfile.mktemp(dir=tmp_path)
     mp.spawn(_worker, args=(2, init_file, str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
@@ -100,3 +100,85 @@ def test_bad_degree_fails_naming_the_key():
         check_cp_degree(5, 12)
     with pytest.raises(ValueError, match=r"parallel.cp=0"):
         check_cp_degree(0, 12)
+
+
+# ---------------------------------------------------------------------------- the real trainer
+
+
+def _close(a: dict, b: dict, steps, tol: float = 1e-5) -> None:
+    for s in steps:
+        for k in ("loss/denoise", "loss/repa", "loss/total", "grad_norm"):
+            if k in a[s] or k in b[s]:
+                assert abs(a[s][k] - b[s][k]) <= tol * max(1.0, abs(b[s][k])), (s, k, a[s][k], b[s][k])
+        assert a[s]["samples"] == b[s]["samples"] and a[s]["stage"] == b[s]["stage"], s
+
+
+def _from_checkpoint(src, dst, step: int):
+    """A copy of run `src` as it was when checkpoint `step` was its newest (later ones removed)."""
+    import shutil
+
+    from ._runs import ckpt_dir
+
+    shutil.copytree(src, dst)
+    for ck in (dst / "checkpoints").iterdir():
+        if ck.name > ckpt_dir(dst, step).name:
+            shutil.rmtree(ck)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from ._runs import train
+
+    one = tmp_path_factory.mktemp("cp1")
+    train(one, 1)  # 12 steps, 2 stages, TREAD (dual->single, then decoder) and REPA in stage 0
+    two = tmp_path_factory.mktemp("cp2")
+    p = train(two, 2, "parallel.cp=2")
+    return one, two, p
+
+
+def test_cp2_run_follows_the_one_rank_run(runs):
+    """Same data (one data-parallel rank either way), same draws, every step's losses and grad norm
+    within 1e-5; samples counted once per CP group, not per rank."""
+    from ._runs import records
+
+    one, two, p = runs
+    a, b = records(one), records(two)
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    assert "loss/repa" in b[6] and "loss/repa" not in b[7]
+    _close(b, a, range(1, 13))
+    from ._runs import events
+
+    start = [e for e in events(two) if e["event"] == "start"][0]
+    assert start["cp"] == 2 and start["world_size"] == 2  # the sequence really was split over 2 ranks
+
+
+@pytest.mark.parametrize("first, then", [("cp2", "cp1"), ("cp1", "cp2")])
+def test_checkpoint_resumes_across_cp_degrees(runs, tmp_path, first, then):
+    """A checkpoint written at one CP degree resumes at the other (DCP reshards over dp_shard x cp)
+    and the remaining steps equal the uninterrupted run's."""
+    from ._runs import ckpt_dir, records, train
+
+    one, two, _ = runs
+    src = two if first == "cp2" else one
+    run = _from_checkpoint(src, tmp_path / "run", 6)
+    p = train(run, *((1,) if then == "cp1" else (2, "parallel.cp=2")))
+    assert "resumed_from=" + str(ckpt_dir(run, 6)) in p.stdout
+    _close(records(run), records(one), range(7, 13))
+
+
+def test_bucket_that_does_not_split_fails_before_work():
+    """9x64x80 latents are 3x4x5 = 60 tokens: 30 kept at r=0.5 split over 2, but r=0.25 keeps 45."""
+    from hydra import compose, initialize_config_dir
+
+    from motif_train.config import validate
+    from motif_train.train import CONFIG_DIR, to_train_config
+
+    over = ["experiment=tiny_cpu", "data=synthetic", "parallel.cp=2", "curriculum.stages.0.buckets=[[9,64,80]]",
+            "curriculum.stages.0.routing.ratio=0.25"]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = to_train_config(compose(config_name="train", overrides=over))
+    with pytest.raises(ValueError, match=r"curriculum.stages\[0\].buckets \[9, 64, 80\]: 60 video tokens \(45 kept"):
+        validate(cfg, world_size=2, local_world_size=2)
+    cfg.curriculum.stages[0].routing.ratio = 0.5
+    validate(cfg, world_size=2, local_world_size=2)  # 60 and 30: both split

@@ -67,6 +67,8 @@ def test_force_added_keys_fail_too(override):
     ("curriculum.stages.0.routing.end=4", r"curriculum.stages\[0\].routing.*crosses the encoder->decoder"),
     ("model.repa.block=4", r"model.repa.block"),
     ("parallel.dp_replicate=3", r"parallel.dp_replicate"),
+    ("parallel.cp=3", r"parallel.cp=3 must divide the GPUs per node"),
+    ("parallel.cp=0", r"parallel.cp=0 must be an int >= 1"),
     ("encoders.root=null", r"encoders.root"),
 ])
 def test_bad_configs_fail_before_work_naming_the_key(override, message):
