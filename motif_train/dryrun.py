@@ -171,6 +171,24 @@ def init_fake_world(world: int, local: int, rank: int) -> DistInfo:
                     device=torch.device("cpu"))
 
 
+@contextlib.contextmanager
+def fake_world(world: int, local: int, rank: int):
+    """`init_fake_world` for the duration of a `with`: afterwards the group is destroyed and the
+    torchrun variables are what they were (a later group, preprocessing or webdataset's node split in
+    the same process would otherwise read WORLD_SIZE=64)."""
+    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    try:
+        yield init_fake_world(world, local, rank)
+    finally:
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def trainer_config(cfg: TrainConfig) -> TrainConfig:
     """The run's config for a CPU build under the fake group: what only a GPU run or a save needs is off."""
     c = copy.deepcopy(cfg)
@@ -373,8 +391,7 @@ def run(cfg: TrainConfig, *, rank: int | None = None, trainer: bool = True, step
         # What rank 0 does before the trainer's barrier; before the fake group, whose rank (not 0) would
         # make transformers' save_pretrained skip writing the weights.
         build_tiny_encoders(Path(enc.root), seed=cfg.train.seed)
-    info = init_fake_world(world, local, rank)
-    try:
+    with fake_world(world, local, rank) as info:
         if trainer:
             flops = first_step_flops(cfg, dp)
             do_step = flops <= CPU_STEP_FLOPS if step is None else step
@@ -397,9 +414,6 @@ def run(cfg: TrainConfig, *, rank: int | None = None, trainer: bool = True, step
         steps = report["plan_steps"] = report["checks"]["plan_steps"]
         for r in report["steps"]:
             r["plan_steps"] = None if steps is None else steps[r["stage"]]
-    finally:
-        with contextlib.suppress(Exception):
-            dist.destroy_process_group()
     over = [r for r in report["steps"] if r["memory_gib"]["peak"] > cfg.parallel.gpu_memory_gib]
     report["fits"] = not over
     if over:

@@ -73,15 +73,10 @@ def _tracked(cfg, ac: str, buckets: list[tuple[int, int, int]]) -> list[dict]:
     from motif_train.models.flops import latent_shape
 
     cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, ac=ac))
-    info = dryrun.init_fake_world(64, 8, 63)
-    try:
+    with dryrun.fake_world(64, 8, 63) as info:
         fake = dryrun.FakeModel(cfg, build_mesh(cfg.parallel, info))
         return [fake.track(latent=latent_shape(*b), batch=1, text_len=16, image_len=0,
                            routing=RoutingConfig(ratio=0.0), repa=False) for b in buckets]
-    finally:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
 
 
 def test_tracker_moves_like_the_analytic_model(report, tmp_path):
