@@ -451,10 +451,16 @@ class Profiler:
     `prof.step(step)` at the end of each step: the profiler starts before step a (at the end of
     step a-1, or on entry when a == start_step + 1) and exports at the end of step b to
     `run_dir/profile/trace_steps_a-b[_rank{r}].json` (rank suffix only when world_size > 1).
+
+    Only the `ranks` listed (`profile.ranks`) trace and, on CUDA, record a memory snapshot
+    (`memory_snapshot_rank{r}.pickle`); every other rank's Profiler does nothing. FSDP ranks run
+    the same step, so a few traces show it; 64 would slow every rank for the window and write 64
+    large files to the run dir (often a bucket mount).
     """
 
     def __init__(self, steps: list[int] | tuple[int, ...] | None, run_dir: str | Path, device: torch.device | str,
-                 *, start_step: int = 0, rank: int | None = None, world_size: int | None = None):
+                 *, start_step: int = 0, rank: int | None = None, world_size: int | None = None,
+                 ranks: list[int] | tuple[int, ...] = (0,)):
         dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.rank = rank if rank is not None else (torch.distributed.get_rank() if dist_on else 0)
         self.world_size = world_size if world_size is not None else (
@@ -472,7 +478,12 @@ class Profiler:
             a, b = steps
             if a < 1 or a > b:
                 raise ValueError(f"profile.steps={steps}: need 1 <= first <= last")
-            self.window = (a, b)
+            outside = sorted(r for r in ranks if not 0 <= r < self.world_size)
+            if outside:  # checked on every rank, so a typo fails the whole run, not only the listed ranks
+                raise ValueError(f"profile.ranks={list(ranks)}: rank(s) {outside} not in this world of "
+                                 f"{self.world_size} (0..{self.world_size - 1}); list ranks that exist")
+            if self.rank in ranks:
+                self.window = (a, b)
 
     @property
     def active(self) -> bool:

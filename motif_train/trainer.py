@@ -10,6 +10,7 @@ the stop signal, counts); the loss records are reduced and written at log steps
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import signal
@@ -26,7 +27,8 @@ from motif_train.checkpoint import CheckpointManager, ModelState, OptimizerState
 from motif_train.config import TrainConfig, validate
 from motif_train.data.curriculum import Curriculum
 from motif_train.distributed import build_mesh, init_distributed, parallelize_model
-from motif_train.distributed.mesh import gather_lists
+from motif_train.distributed.context_parallel import apply_cp, cp_disabled
+from motif_train.distributed.mesh import build_cp_group, gather_lists
 from motif_train.ema import EMA, clean_name
 from motif_train.guard import DivergedError, resume_hint, weight_stats, weights_problem
 from motif_train.metrics import MetricsLogger, Profiler
@@ -42,7 +44,8 @@ from motif_train.utils import stable_seed
 class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
-        self.dist = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_min, cfg.train.device)
+        self.dist = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_min, cfg.train.device,
+                                     init_timeout_min=cfg.parallel.init_timeout_min, run_dir=cfg.run_dir)
         validate(cfg, world_size=self.dist.world_size, local_world_size=self.dist.local_world_size)
         self.device = self.dist.device
         torch.manual_seed(cfg.train.seed)  # model init and training draws use explicit seeded generators
@@ -51,6 +54,11 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         self.mesh = build_mesh(cfg.parallel, self.dist)
+        # Context parallelism: the cp consecutive ranks of a group share one data-parallel rank (same
+        # samples, same σ / noise / TREAD draws) and each holds 1/cp of every sequence.
+        self.cp_group = build_cp_group(cfg.parallel, self.dist)
+        self.dp_rank, self.cp_rank = divmod(self.dist.rank, cfg.parallel.cp)
+        self.dp_size = self.dist.world_size // cfg.parallel.cp
         self.curriculum = Curriculum(cfg.curriculum)
         self.total_steps = cfg.train.steps or self.curriculum.total_steps
         self.teacher = self.build_teacher()
@@ -61,7 +69,7 @@ class Trainer:
         self.ema = EMA(self.model, cfg.ema) if cfg.ema.enabled else None
         self.data = instantiate(cfg.data, text_dim=self.model.config.text_embed_dim,
                                 image_dim=self.model.config.image_embed_dim, seed=cfg.train.seed,
-                                dp_rank=self.dist.rank, dp_size=self.dist.world_size,
+                                dp_rank=self.dp_rank, dp_size=self.dp_size,
                                 grad_accum=cfg.train.grad_accum)
         self.empty_text = self.empty_prompt() if cfg.objective.conditioning.text_dropout > 0 else None
         if cfg.objective.conditioning.text_dropout > 0 and self.empty_text is None:
@@ -91,7 +99,8 @@ class Trainer:
         self.metrics = MetricsLogger(cfg.logger, self.run_dir, rank=self.dist.rank, world_size=self.dist.world_size,
                                      device=self.device, run_name=cfg.name,
                                      config=OmegaConf.to_container(OmegaConf.structured(cfg)), resume_step=self.step)
-        self.profiler = Profiler(cfg.profile.steps, self.run_dir, self.device, start_step=self.step)
+        self.profiler = Profiler(cfg.profile.steps, self.run_dir, self.device, start_step=self.step,
+                                 ranks=cfg.profile.ranks)
         self.metrics.log_event(self.step, "start", world_size=self.dist.world_size, total_steps=self.total_steps,
                                resumed_from=str(resumed) if resumed else "none", **self.parallel_info)
         notes = list(getattr(self.data, "startup_notes", []))
@@ -142,6 +151,8 @@ class Trainer:
         with torch.device("meta"):
             model = MotifDiT(config)
         info = parallelize_model(model, self.cfg.parallel, self.mesh, self.device)
+        cp = apply_cp(model, self.cp_group)
+        info["cp"] = cp.size if cp is not None else 1  # ranks the model's sequence is really split over
         model.to_empty(device=self.device)
         with torch.no_grad():
             model.init_weights(self.cfg.train.seed)  # also the REPA head's init when fine-tuning
@@ -265,11 +276,8 @@ class Trainer:
         use_ema = ev.ema and self.ema is not None
         self.model.eval()
         try:
-            if use_ema:
-                with self.ema.swapped_in():
-                    videos = generate(self.model, items, negative, vae, ev, device=self.device, rank=self.dist.rank,
-                                      world_size=self.dist.world_size, shard_size=self.mesh.shape[-1])
-            else:
+            # each rank samples its own prompt over the whole sequence (no CP split while sampling)
+            with cp_disabled(self.model), (self.ema.swapped_in() if use_ema else contextlib.nullcontext()):
                 videos = generate(self.model, items, negative, vae, ev, device=self.device, rank=self.dist.rank,
                                   world_size=self.dist.world_size, shard_size=self.mesh.shape[-1])
         finally:
@@ -317,7 +325,7 @@ class Trainer:
     def generator(self, step: int, micro: int) -> torch.Generator:
         """Every random draw of a micro-step (σ, noise, TREAD ids; the CFG dropout hashes its seed) comes
         from here: a pure function of (seed, step, micro, rank), so a resumed run draws the same numbers."""
-        return torch.Generator(self.device).manual_seed(stable_seed(self.cfg.train.seed, step, micro, self.dist.rank))
+        return torch.Generator(self.device).manual_seed(stable_seed(self.cfg.train.seed, step, micro, self.dp_rank))
 
     def forward_backward(self, batch, step: int, micro: int,
                          weight: float) -> tuple[dict[str, torch.Tensor], list[str], ObjectiveOutput]:
@@ -364,10 +372,14 @@ class Trainer:
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         guarded = torch.stack([sums[k] for k in loss_keys] + [grad_norm.float()])
+        # The cp ranks of a group read the same samples: one of them counts them. Each ran 1/cp of the
+        # model (its FLOPs); the teacher runs whole on every one of them.
+        lead = self.cp_rank == 0
         ctrl = control_reduce(~torch.isfinite(guarded).all(), stop_signal=self._stop_signal,
-                              skipped=getattr(self.data, "last_skipped_count", 0),
-                              skip_msgs=len(getattr(self.data, "last_skipped", [])), samples=total,
-                              tokens=tokens, flops=flops, teacher_flops=teacher_flops)
+                              skipped=getattr(self.data, "last_skipped_count", 0) if lead else 0,
+                              skip_msgs=len(getattr(self.data, "last_skipped", [])) if lead else 0,
+                              samples=total if lead else 0, tokens=tokens if lead else 0,
+                              flops=flops / self.cfg.parallel.cp, teacher_flops=teacher_flops)
         ok = ctrl.nonfinite == 0  # the same answer on every rank: it is a sum over all of them
         # The LR schedule advances on skipped steps too: it is a function of the global step, like the
         # data position and the curriculum's stage boundaries (docs/training.md).
@@ -405,7 +417,7 @@ class Trainer:
         only on steps where the step's all-reduce counted a message somewhere: a gather to rank 0."""
         if n_messages <= 0:
             return
-        per_rank = gather_lists(getattr(self.data, "last_skipped", []))
+        per_rank = gather_lists(getattr(self.data, "last_skipped", []) if self.cp_rank == 0 else [])
         for rank, messages in enumerate(per_rank or []):
             for msg in messages:
                 self.metrics.log_event(self.step, f"data (rank {rank}): {msg}", rank=rank)

@@ -208,11 +208,14 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, mp: MixedPrecisionPolicy, *,
     """fully_shard each block, then the root (embedders, norm_out, proj_out, REPA head).
 
     The root is left to FSDP's own heuristic (kept unsharded after forward: backward needs it at
-    once); forcing `reshard_after_forward` on it frees parameters backward is about to use.
+    once); forcing `reshard_after_forward` on it frees parameters backward is about to use. The last
+    block is never resharded after forward for the same reason (as torchtitan does): backward starts
+    with it, so resharding would free its parameters only to all-gather them again at once. That
+    costs one block's unsharded parameters kept through the loss, and saves one all-gather per step.
     """
-    for blocks in _block_lists(model):
-        for blk in blocks:
-            fully_shard(blk, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    blocks = [blk for group in _block_lists(model) for blk in group]
+    for i, blk in enumerate(blocks):
+        fully_shard(blk, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
     fully_shard(model, mesh=mesh, mp_policy=mp)
 
 

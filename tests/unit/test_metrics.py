@@ -246,7 +246,7 @@ def test_profiler_cpu_trace(tmp_path):
     trace = tmp_path / "profile" / "trace_steps_2-3.json"
     assert prof.trace_path == trace and "traceEvents" in trace.read_text()
 
-    with Profiler([1, 1], tmp_path / "first", CPU, rank=1, world_size=2) as prof:
+    with Profiler([1, 1], tmp_path / "first", CPU, rank=1, world_size=2, ranks=[1]) as prof:
         assert prof.active  # step 1 is the first step: started on entry
         (x @ x).sum()
         prof.step(1)
