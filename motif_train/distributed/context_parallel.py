@@ -132,3 +132,18 @@ def cp_disabled(model: nn.Module):
         model.cp = cp
         for m in attns:
             m.cp = cp
+
+
+def ulysses_bytes(n_video: int, n_ctx: int, dim: int, cp: int, *, ctx_sharded: bool = False,
+                  dtype_bytes: int = 2) -> float:
+    """Bytes one CP rank sends in one joint attention's forward: q, k, v to heads and the output
+    back (four all-to-alls of its (n_video/cp, dim) slice, (cp-1)/cp of which leaves the rank),
+    plus the replicated context's output all-gather (its (n_ctx, dim/cp) heads to cp-1 peers), or
+    the context's own four all-to-alls when it is sharded video (DDT decoder). Backward sends
+    the same again; selective AC's recompute sends nothing (the collectives' outputs are saved)."""
+    if cp == 1:
+        return 0.0
+    out = 4 * (n_video / cp) * dim * dtype_bytes * (cp - 1) / cp
+    if ctx_sharded:
+        return out + 4 * (n_ctx / cp) * dim * dtype_bytes * (cp - 1) / cp
+    return out + n_ctx * (dim / cp) * dtype_bytes * (cp - 1)

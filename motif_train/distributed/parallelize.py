@@ -87,6 +87,12 @@ def _kernel_ops() -> frozenset:
 
 
 ATTENTION_OPS = SDPA_OPS | _kernel_ops()
+# Context parallelism's all-to-alls and head all-gathers (distributed/context_parallel.py): saved
+# too, so a recompute under selective AC sends nothing (their outputs are what the saved attention
+# read; the async collective's result is the wait's output).
+CP_COMM_OPS = frozenset(getattr(torch.ops._c10d_functional, n).default
+                        for n in ("all_to_all_single", "all_gather_into_tensor", "wait_tensor")
+                        if hasattr(torch.ops._c10d_functional, n))
 
 
 def save_attention_policy(ctx, func, *args, **kwargs) -> CheckpointPolicy:
@@ -95,7 +101,8 @@ def save_attention_policy(ctx, func, *args, **kwargs) -> CheckpointPolicy:
     PREFER (not MUST) recompute, so torch.compile's partitioner may still keep a cheap tensor when
     that saves memory traffic.
     """
-    return CheckpointPolicy.MUST_SAVE if func in ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    saved = func in ATTENTION_OPS or func in CP_COMM_OPS
+    return CheckpointPolicy.MUST_SAVE if saved else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def selective_context_fn():

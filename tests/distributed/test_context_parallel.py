@@ -67,6 +67,51 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             "grad_names": (set(summed) == set(ref_g), len(ref_g)),
             "tokens": (seen["ref"], seen["cp"]),  # a block's video tokens: N, and N/cp on this rank
         }
+    # Under AC: gradients unchanged, and selective AC (attention and CP collectives saved) re-sends
+    # nothing in backward: one all-to-all per forward one (its gradient), full AC two (recompute too).
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from motif_train.distributed.parallelize import apply_ac
+
+    class A2A(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops._c10d_functional.all_to_all_single.default:
+                A2A.n += 1
+            return func(*args, **(kwargs or {}))
+
+    cfg = MotifDiTConfig(**{**cfg0.to_dict(), "routing": RoutingConfig(1, 3, 0.5).__dict__})
+    for ac in ("full", "selective"):
+        torch.manual_seed(0)
+        m = build_model(cfg)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.normal_(0, 0.2)
+        ref_g = None
+        if ac == "full":
+            ref = build_model(cfg)
+            ref.load_state_dict(m.state_dict())
+            ref.train()(**kw, return_repa=True).sample.square().mean().backward()
+            ref_g = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+        apply_ac(m, ac)
+        apply_cp(m, dist.group.WORLD)
+        m.train()
+        A2A.n = 0
+        with A2A():
+            out = m(**kw, return_repa=True).sample.square().mean()
+        fwd = A2A.n
+        A2A.n = 0
+        with A2A():
+            out.backward()
+        results[f"a2a_{ac}"] = (fwd, A2A.n)
+        grads = {n.replace("._checkpoint_wrapped_module", ""): p.grad for n, p in m.named_parameters()
+                 if p.grad is not None}
+        for g in grads.values():
+            dist.all_reduce(g)
+        if ref_g is not None:
+            results["ac_grad"] = max(((grads[n] / 2 - g).abs().max() / g.abs().max().clamp_min(1e-12)).item()
+                                     for n, g in ref_g.items())
     # the sequence split itself: chunk / gather round trip and the all-to-all pair are inverses
     cp = CPGroup(dist.group.WORLD)
     t = torch.arange(2 * 8 * 4 * 3, dtype=torch.float32).view(2, 8, 4, 3)
@@ -84,6 +129,10 @@ def test_cp2_model_equals_the_unsharded_model(tmp_path):
     for rank in range(2):
         res = torch.load(tmp_path / f"cp_{rank}.pt", weights_only=True)
         assert res["roundtrip"] == (True, True) and res["heads"]
+        fwd, bwd = res["a2a_selective"]
+        print(f"\nall-to-alls forward / backward: full AC {res['a2a_full']}, selective {res['a2a_selective']}")
+        assert fwd > 0 and bwd == fwd and res["a2a_full"] == (fwd, 2 * fwd)
+        assert res["ac_grad"] <= 1e-5
         for name in ROUTES:
             r = res[name]
             print(f"\nrank {rank} route {name}: max |out - ref| {r['out']:.2e}, |repa - ref| {r['repa']:.2e}, "
@@ -182,3 +231,12 @@ def test_bucket_that_does_not_split_fails_before_work():
         validate(cfg, world_size=2, local_world_size=2)
     cfg.curriculum.stages[0].routing.ratio = 0.5
     validate(cfg, world_size=2, local_world_size=2)  # 60 and 30: both split
+
+
+def test_volume_formula():
+    from motif_train.distributed.context_parallel import ulysses_bytes
+
+    # 8 video tokens, 4 context tokens, dim 4, bf16, cp 2: 4 all-to-alls of (4 x 4 x 2 B) half sent = 64,
+    # the context's heads (4 x 2 x 2 B) to one peer = 16.
+    assert ulysses_bytes(8, 4, 4, 2) == 80 and ulysses_bytes(8, 4, 4, 1) == 0
+    assert ulysses_bytes(8, 8, 4, 2, ctx_sharded=True) == 128
