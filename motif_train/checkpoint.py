@@ -101,14 +101,20 @@ class CheckpointConfig:
 
 
 class ModelState(Stateful):
-    """A (possibly FSDP2-sharded) module; FQNs are cleaned of wrapper prefixes by DSD."""
+    """A (possibly FSDP2-sharded) module; FQNs are cleaned of wrapper prefixes by DSD.
 
-    def __init__(self, model: nn.Module, options: StateDictOptions | None = None) -> None:
+    `keys`: save / load only these FQNs (a LoRA run: the trainable ones; load with `strict=False`).
+    """
+
+    def __init__(self, model: nn.Module, options: StateDictOptions | None = None,
+                 keys: set[str] | None = None) -> None:
         self.model = model
         self.options = options or StateDictOptions()
+        self.keys = keys
 
     def state_dict(self) -> dict[str, Any]:
-        return get_model_state_dict(self.model, options=self.options)
+        sd = get_model_state_dict(self.model, options=self.options)
+        return sd if self.keys is None else {k: v for k, v in sd.items() if k in self.keys}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         set_model_state_dict(self.model, state_dict, options=self.options)

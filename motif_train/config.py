@@ -21,6 +21,7 @@ from motif_train.ema import EMAConfig
 from motif_train.metrics import LoggerConfig
 from motif_train.models.config import MotifDiTConfig, RoutingConfig
 from motif_train.models.flops import latent_shape, num_video_tokens
+from motif_train.models.lora import LoraConfig
 from motif_train.models.routing import num_kept
 from motif_train.objectives.conditioning import ConditioningConfig
 from motif_train.objectives.flow import FlowConfig
@@ -34,6 +35,12 @@ class ModelSpec(MotifDiTConfig):
     """The DiT config plus where its weights come from."""
 
     init_from: str | None = None  # a diffusers MotifVideoTransformer3DModel folder (fine-tuning)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # rank > 0: train peft adapters on a frozen base
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):
+            self.lora = LoraConfig(**self.lora)
+        super().__post_init__()
 
     def dit_config(self) -> MotifDiTConfig:
         names = {f.name for f in fields(MotifDiTConfig)}
@@ -118,6 +125,21 @@ def check_cp_split(i: int, stage, dit: MotifDiTConfig, route: RoutingConfig, cp:
                              f"not split evenly over parallel.cp={cp}; change the bucket, the routing ratio or cp")
 
 
+def check_lora(cfg: TrainConfig) -> None:
+    """`model.lora` rules (the targets are checked against the built model, `models/lora.resolve_targets`)."""
+    lora = cfg.model.lora
+    if not lora.enabled:
+        return
+    if not cfg.model.init_from:
+        raise ValueError(f"model.lora.rank={lora.rank} but model.init_from is null: LoRA adapts released weights; "
+                         "set model.init_from=<a diffusers transformer folder> (or model.lora.rank=0 to train "
+                         "the whole model)")
+    if lora.dropout > 0 and cfg.parallel.ac != "none":
+        raise ValueError(f"model.lora.dropout={lora.dropout} with parallel.ac={cfg.parallel.ac}: activation "
+                         "checkpointing recomputes blocks without replaying the dropout RNG; set "
+                         "model.lora.dropout=0 or parallel.ac=none")
+
+
 def uses_shards(cfg: TrainConfig) -> bool:
     target = cfg.data.get("_target_", "") if isinstance(cfg.data, dict) else getattr(cfg.data, "_target_", "")
     return target.endswith("ShardSource")
@@ -160,6 +182,7 @@ def validate(cfg: TrainConfig, *, world_size: int, local_world_size: int | None 
         if unknown:
             raise ValueError(f"unknown key(s) {unknown} under 'data' for the synthetic source; check the spelling")
         SyntheticDataConfig(**keys)  # its __post_init__ checks the data.* sizes
+    check_lora(cfg)
     dit = cfg.model.dit_config()
     any_repa = False
     planned = uses_shards(cfg)

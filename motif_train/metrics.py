@@ -56,6 +56,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from motif_train import metric_keys as mk
 from motif_train.utils import JsonlFile
 
 # Spec dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, keyed by a substring of
@@ -238,11 +239,11 @@ class MetricsLogger:
         """Record one optimizer step; at `step % log_every == 0` log the window and return it."""
         if not self.is_main:
             return None
-        rec: dict[str, Any] = {"step": int(step), "stage": int(stage)}
-        rec.update({f"loss/{k}": float(v) for k, v in losses.items()})
-        rec.update(grad_norm=float(grad_norm), lr=float(lr), samples=int(samples), tokens=int(tokens),
-                   flops=float(flops), teacher_flops=float(teacher_flops), step_time=float(step_time),
-                   data_wait=float(data_wait))
+        rec: dict[str, Any] = {mk.STEP: int(step), mk.STAGE: int(stage)}
+        rec.update({mk.loss_key(k): float(v) for k, v in losses.items()})
+        rec.update({mk.GRAD_NORM: float(grad_norm), mk.LR: float(lr), mk.SAMPLES: int(samples),
+                    mk.TOKENS: int(tokens), mk.FLOPS: float(flops), mk.TEACHER_FLOPS: float(teacher_flops),
+                    mk.STEP_TIME: float(step_time), mk.DATA_WAIT: float(data_wait)})
         for k, v in (extra or {}).items():
             rec[k] = float(v)
         self._write("metrics.jsonl", rec)
@@ -265,42 +266,42 @@ class MetricsLogger:
             vals = [r[k] for r in win if k in r]
             return sum(vals) / len(vals)
 
-        time_sum = sum(r["step_time"] for r in win)
+        time_sum = sum(r[mk.STEP_TIME] for r in win)
         rate = (lambda k: sum(r[k] for r in win) / time_sum) if time_sum > 0 else (lambda k: math.nan)
-        mfu = rate("flops") / (self.peak * 1e12 * self.world_size) if self.peak else None
+        mfu = rate(mk.FLOPS) / (self.peak * 1e12 * self.world_size) if self.peak else None
         mem, mem_label = _peak_memory_gib(self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)  # next window reports its own peak
 
-        out: dict[str, Any] = {k: mean(k) for k in keys if k.startswith("loss/")}
-        terms = [k for k in out if k != "loss/total" and not k.startswith("loss/sigma_q")]
-        if "loss/total" not in out and terms:
-            out["loss/total"] = sum(out[k] for k in terms)
+        out: dict[str, Any] = {k: mean(k) for k in keys if k.startswith(mk.LOSS_PREFIX)}
+        terms = [k for k in out if k != mk.LOSS_TOTAL and not k.startswith(mk.loss_key(mk.SIGMA_PREFIX))]
+        if mk.LOSS_TOTAL not in out and terms:
+            out[mk.LOSS_TOTAL] = sum(out[k] for k in terms)
         for k in keys:
-            if k not in _RAW_KEYS and not k.startswith("loss/"):
-                out[f"loss/{k}" if k.startswith("sigma_q") else k if "/" in k else f"train/{k}"] = mean(k)
+            if k not in mk.RAW_KEYS and not k.startswith(mk.LOSS_PREFIX):
+                out[mk.window_key(k)] = mean(k)
         out.update({
-            "perf/samples_per_s": rate("samples"),
-            "perf/tokens_per_s": rate("tokens"),
-            "perf/flops_per_s": rate("flops"),
-            "perf/mfu": mfu,
-            "perf/teacher_flops_share": _share(win),
-            "perf/data_wait": rate("data_wait"),
-            "perf/step_time": time_sum / n,
-            "mem/peak_gib": mem,
-            "sched/lr": last["lr"],
-            "optim/grad_norm": mean("grad_norm"),
-            "curriculum/stage": last["stage"],
+            mk.PERF_SAMPLES_PER_S: rate(mk.SAMPLES),
+            mk.PERF_TOKENS_PER_S: rate(mk.TOKENS),
+            mk.PERF_FLOPS_PER_S: rate(mk.FLOPS),
+            mk.PERF_MFU: mfu,
+            mk.PERF_TEACHER_FLOPS_SHARE: _share(win),
+            mk.PERF_DATA_WAIT: rate(mk.DATA_WAIT),
+            mk.PERF_STEP_TIME: time_sum / n,
+            mk.MEM_PEAK_GIB: mem,
+            mk.SCHED_LR: last[mk.LR],
+            mk.OPTIM_GRAD_NORM: mean(mk.GRAD_NORM),
+            mk.CURRICULUM_STAGE: last[mk.STAGE],
         })
 
-        terms_str = " ".join(f"{k[5:]} {out[k]:.4f}" for k in terms)
-        total = out.get("loss/total")
+        terms_str = " ".join(f"{k[len(mk.LOSS_PREFIX):]} {out[k]:.4f}" for k in terms)
+        total = out.get(mk.LOSS_TOTAL)
         mfu_str = "n/a" if mfu is None else f"{100 * mfu:.1f}%"
-        line = (f"step {step:>5} | stage {last['stage']} | loss " + ("n/a" if total is None else f"{total:.4f}")
+        line = (f"step {step:>5} | stage {last[mk.STAGE]} | loss " + ("n/a" if total is None else f"{total:.4f}")
                 + (f" ({terms_str})" if terms_str else "")
-                + f" | gnorm {out['optim/grad_norm']:.2f} | lr {last['lr']:.2e}"
-                + f" | {out['perf/samples_per_s']:.1f} samples/s | {_fmt_count(out['perf/tokens_per_s'])} tok/s"
-                + f" | mfu {mfu_str} | data {100 * out['perf/data_wait']:.1f}%"
+                + f" | gnorm {out[mk.OPTIM_GRAD_NORM]:.2f} | lr {last[mk.LR]:.2e}"
+                + f" | {out[mk.PERF_SAMPLES_PER_S]:.1f} samples/s | {_fmt_count(out[mk.PERF_TOKENS_PER_S])} tok/s"
+                + f" | mfu {mfu_str} | data {100 * out[mk.PERF_DATA_WAIT]:.1f}%"
                 + f" | mem {mem:.1f} GiB" + ("" if mem_label == "cuda" else f" ({mem_label})"))
         self.last_line = line
         self.console.print(line, markup=False)
@@ -317,7 +318,7 @@ class MetricsLogger:
         self.console.print(f">> step {step} | {message}" + (f" {vals}" if vals else ""), style="bold yellow",
                            markup=False)
         self._write("events.jsonl", {"step": int(step), "event": message, **values})
-        data = {(k if "/" in k else f"event/{k}"): v for k, v in values.items() if isinstance(v, int | float)}
+        data = {mk.event_key(k): v for k, v in values.items() if isinstance(v, int | float)}
         if data:
             self._wandb_log(data, step)
 
@@ -364,14 +365,10 @@ class MetricsLogger:
         return png
 
 
-_RAW_KEYS = {"step", "stage", "grad_norm", "lr", "samples", "tokens", "flops", "teacher_flops", "step_time",
-             "data_wait"}
-
-
 def _share(win: list[dict[str, Any]]) -> float:
     """Teacher forward FLOPs / (model + teacher) FLOPs over a window (0 when nothing ran)."""
-    teacher = sum(r.get("teacher_flops", 0.0) for r in win)
-    work = teacher + sum(r["flops"] for r in win)
+    teacher = sum(r.get(mk.TEACHER_FLOPS, 0.0) for r in win)
+    work = teacher + sum(r[mk.FLOPS] for r in win)
     return teacher / work if work > 0 else 0.0
 
 
@@ -400,7 +397,7 @@ def read_metrics(path: str | Path) -> list[dict]:
     for line in path.read_text().splitlines():
         if line.strip():
             rec = json.loads(line)
-            by_step[int(rec["step"])] = rec
+            by_step[int(rec[mk.STEP])] = rec
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -417,13 +414,13 @@ def plot_losses(metrics_path: str | Path, out_path: str | Path) -> Path | None:
     series: dict[str, tuple[list[int], list[float]]] = defaultdict(lambda: ([], []))
     for r in recs:
         for k, v in r.items():
-            if k.startswith("loss/") or k.startswith("sigma_q"):
-                name = k[5:] if k.startswith("loss/") else k
+            if k.startswith(mk.LOSS_PREFIX) or k.startswith(mk.SIGMA_PREFIX):
+                name = k[len(mk.LOSS_PREFIX):] if k.startswith(mk.LOSS_PREFIX) else k
                 if v is not None and math.isfinite(v):
-                    series[name][0].append(r["step"])
+                    series[name][0].append(r[mk.STEP])
                     series[name][1].append(v)
-    main = {k: v for k, v in series.items() if not k.startswith("sigma_q")}
-    sigma = {k: v for k, v in series.items() if k.startswith("sigma_q")}
+    main = {k: v for k, v in series.items() if not k.startswith(mk.SIGMA_PREFIX)}
+    sigma = {k: v for k, v in series.items() if k.startswith(mk.SIGMA_PREFIX)}
     panels = [(main, "loss terms")] + ([(sigma, "loss by sigma quartile")] if sigma else [])
     fig, axes = plt.subplots(len(panels), 1, figsize=(9, 3.6 * len(panels)), squeeze=False, sharex=True)
     for ax, (group, title) in zip(axes[:, 0], panels, strict=True):

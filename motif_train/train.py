@@ -16,8 +16,11 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError
 
 from motif_train.config import TrainConfig, register_configs
+from motif_train.paths import config_dir
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+# The checkout's configs/ or the installed wheel's copy (motif_train/paths.py), never a path from
+# this file's location: installed, that points into site-packages where no configs/ exists.
+CONFIG_DIR = str(config_dir())
 
 register_configs()
 

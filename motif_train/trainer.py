@@ -23,6 +23,7 @@ import torch.distributed as dist
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from motif_train import metric_keys as mk
 from motif_train.checkpoint import CheckpointManager, ModelState, OptimizerState, TensorDictState
 from motif_train.config import TrainConfig, validate
 from motif_train.data.curriculum import Curriculum
@@ -34,7 +35,15 @@ from motif_train.guard import DivergedError, resume_hint, weight_stats, weights_
 from motif_train.metrics import MetricsLogger, Profiler
 from motif_train.models import MotifDiT, RoutingConfig
 from motif_train.models.attention_backends import activate_flash_impl, check_backend
-from motif_train.models.convert import check_tied_copies, drop_tied_duplicates, load_diffusers_folder
+from motif_train.models.convert import (
+    Release,
+    check_tied_copies,
+    drop_tied_duplicates,
+    load_release_weights,
+    open_release,
+)
+from motif_train.models.lora import apply_lora, base_state_keys, checkpoint_state, init_lora_weights, is_lora
+from motif_train.models.lora import summary as lora_summary
 from motif_train.objectives import DiffusionObjective, ObjectiveConfig, ObjectiveOutput, total_loss
 from motif_train.optim import build_lr_scheduler, build_optimizer
 from motif_train.step_stats import StepClock, StepLog, batch_video_tokens, control_reduce, micro_flops
@@ -145,30 +154,40 @@ class Trainer:
         The full model never exists unsharded on one rank."""
         spec = self.cfg.model
         config = spec.dit_config()
+        # The release's config.json must be model.*'s (refused naming each key), checked before any work.
+        release = open_release(spec.init_from, expect=config) if spec.init_from else None
         config.routing = RoutingConfig(ratio=0.0)  # the curriculum sets the route per stage
         check_backend(config.attention_backend, config.flash_impl, self.device)  # before any GPU work
         activate_flash_impl(config.flash_impl)
         with torch.device("meta"):
             model = MotifDiT(config)
+        if spec.lora.enabled:  # adapters first: compile / AC / FSDP2 wrap and shard them with their base
+            apply_lora(model, spec.lora)
         info = parallelize_model(model, self.cfg.parallel, self.mesh, self.device)
         cp = apply_cp(model, self.cp_group)
         info["cp"] = cp.size if cp is not None else 1  # ranks the model's sequence is really split over
         model.to_empty(device=self.device)
         with torch.no_grad():
             model.init_weights(self.cfg.train.seed)  # also the REPA head's init when fine-tuning
-        if spec.init_from:
-            self.load_pretrained(model, spec.init_from)
+            if spec.lora.enabled:
+                init_lora_weights(model, self.cfg.train.seed)  # B = 0: the model starts equal to its base
+                info["lora"] = lora_summary(model)
+        if release is not None:
+            self.load_pretrained(model, release)
         return model.train(), info
 
-    def load_pretrained(self, model: MotifDiT, folder: str) -> None:
+    def load_pretrained(self, model: MotifDiT, release: Release) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        _, state = load_diffusers_folder(folder)  # safetensors, memory-mapped on every rank
+        folder = release.folder
+        state = load_release_weights(release)  # safetensors, memory-mapped on every rank
         if model.config.shared_kv:
             check_tied_copies(state, model.config)
         state = drop_tied_duplicates(state, model.config)
+        if is_lora(model):
+            state = base_state_keys(model, state)  # X.weight -> X.base_layer.weight for every adapted X
         keys = {clean_name(n) for n, _ in model.named_parameters()}
-        missing = [k for k in keys - set(state) if not k.startswith("repa_projector.")]
+        missing = [k for k in keys - set(state) if not k.startswith("repa_projector.") and ".lora_" not in k]
         unexpected = set(state) - keys
         if missing or unexpected:
             raise ValueError(f"model.init_from={folder}: weights do not fit model.* (missing {sorted(missing)[:6]}, "
@@ -208,7 +227,9 @@ class Trainer:
         sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def checkpoint_states(self) -> dict:
-        states = {"model": ModelState(self.model), "optim": OptimizerState(self.model, self.optimizer)}
+        # LoRA: the adapters only (the frozen base is model.init_from's, reloaded on resume)
+        model = checkpoint_state(self.model) if is_lora(self.model) else ModelState(self.model)
+        states = {"model": model, "optim": OptimizerState(self.model, self.optimizer)}
         if self.ema is not None:
             states["ema"] = TensorDictState(self.ema.shadow)
         return states
@@ -239,7 +260,7 @@ class Trainer:
         self.check_weights()
         blocked = self.checkpointer.save(self.step, self.checkpoint_states(), self.state_dict(), force_sync=force_sync)
         self._save_due = False
-        self.metrics.log_event(self.step, "checkpoint", **{"checkpoint/blocking_s": blocked})
+        self.metrics.log_event(self.step, "checkpoint", **{mk.CHECKPOINT_BLOCKING_S: blocked})
         self.metrics.sync()  # the run dir's metrics / events files are rewritten here and at exit only
         return True
 
@@ -286,7 +307,7 @@ class Trainer:
             out = self.run_dir / "samples" / f"step_{self.step:08d}"
             paths, grid = write_outputs(videos, out, ev.fps)
             for name, v in videos:
-                self.metrics.log_video(self.step, f"val/{name}", v.numpy(), ev.fps)
+                self.metrics.log_video(self.step, mk.video_key(name), v.numpy(), ev.fps)
             self.metrics.log_event(self.step, f"validation: {len(paths)} videos, grid {grid}",
                                    weights="ema" if use_ema else "raw")
         return videos
@@ -312,13 +333,16 @@ class Trainer:
         self.repa_on = stage.repa and self.teacher is not None
         kw = {}
         if getattr(self.data, "takes_stage_hints", False):  # ShardSource: prefetch across the next boundary
-            nxt = self.curriculum.stages[idx + 1] if idx + 1 < len(self.curriculum.stages) else None
-            kw = {"steps": self.curriculum.ends[idx] - step + 1,
+            end = min(self.curriculum.ends[idx], self.total_steps)  # train.steps may end the run mid-curriculum
+            last = idx + 1 == len(self.curriculum.stages)  # the last stage runs on to train.steps
+            end = self.total_steps if last else end
+            nxt = None if last or end >= self.total_steps else self.curriculum.stages[idx + 1]
+            kw = {"steps": end - step + 1,
                   "upcoming": None if nxt is None else (nxt, nxt.repa and self.teacher is not None)}
         self.data.set_stage(stage, teacher=self.repa_on, **kw)
         route = stage.routing
         self.metrics.log_event(step, f"stage {idx} ({stage.name})", **{
-            "curriculum/stage": idx, "repa": int(self.repa_on), "shift": obj.flow.shift,
+            mk.CURRICULUM_STAGE: idx, "repa": int(self.repa_on), "shift": obj.flow.shift,
             "routing": f"{route.start}..{route.end} r={route.ratio}" if route else "off"})
 
     # ---- one step ------------------------------------------------------------------------
@@ -471,8 +495,8 @@ class Trainer:
             self.step_log.add(self.step, result["sums"], result["grad_norm"], (start, end), stage=self.stage_idx,
                               lr=lr, data_wait=data_wait, samples=ctrl.samples, tokens=ctrl.tokens,
                               flops=ctrl.flops, teacher_flops=ctrl.teacher_flops,
-                              extra={"train/skipped_steps": float(self.skipped_steps),
-                                     "data/skipped_samples": float(self.skipped_samples)})
+                              extra={mk.TRAIN_SKIPPED_STEPS: float(self.skipped_steps),
+                                     mk.DATA_SKIPPED_SAMPLES: float(self.skipped_samples)})
             if ctrl.stop_signal:  # never clear the local flag: a signal that lands during the reduce counts next step
                 self._stop_signal = ctrl.stop_signal
             log_step = self.step % log_every == 0

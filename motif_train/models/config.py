@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+from motif_train.paths import config_dir
+
 # Keys of diffusers' MotifVideoTransformer3DModel.__init__ (0.42.1).
 DIFFUSERS_KEYS = (
     "in_channels", "out_channels", "num_attention_heads", "attention_head_dim", "num_layers",
@@ -22,6 +24,37 @@ DIFFUSERS_KEYS = (
     "norm_type", "text_embed_dim", "image_embed_dim", "rope_theta", "rope_axes_dim",
     "enable_text_cross_attention_dual", "enable_text_cross_attention_single",
 )
+
+
+def diffusers_defaults() -> dict:
+    """The defaults of the installed diffusers' `MotifVideoTransformer3DModel.__init__`, read from
+    its signature: they are what `from_pretrained` fills a `config.json`'s missing keys with, and
+    they differ from `MotifDiTConfig`'s (ours are the 2B release's, theirs are not)."""
+    import inspect
+
+    from diffusers import MotifVideoTransformer3DModel
+
+    params = inspect.signature(MotifVideoTransformer3DModel.__init__).parameters
+    missing = [k for k in DIFFUSERS_KEYS if k not in params]
+    if missing:
+        raise RuntimeError(f"the installed diffusers' MotifVideoTransformer3DModel has no {missing}: it is not the "
+                           "version this trainer mirrors (diffusers>=0.42.1, see locks/)")
+    return {k: params[k].default for k in DIFFUSERS_KEYS if params[k].default is not inspect.Parameter.empty}
+
+
+def complete_diffusers_config(cfg: dict) -> dict:
+    """Every `DIFFUSERS_KEYS` entry of a diffusers config, diffusers' defaults for the omitted ones.
+
+    A key of the model that this trainer does not mirror (a newer diffusers) is refused: the model
+    built without it would silently differ from the release. `_`-keys are diffusers' metadata."""
+    cfg = dict(cfg)
+    extra = sorted(k for k in cfg if not k.startswith("_") and k not in DIFFUSERS_KEYS)
+    if extra:
+        raise ValueError(f"config keys {extra} are not MotifVideoTransformer3DModel keys this trainer knows "
+                         f"({', '.join(DIFFUSERS_KEYS)}); the folder is from another model or diffusers version")
+    out = {**diffusers_defaults(), **{k: v for k, v in cfg.items() if k in DIFFUSERS_KEYS}}
+    out["rope_axes_dim"] = tuple(int(a) for a in out["rope_axes_dim"])
+    return out
 
 
 @dataclass
@@ -152,10 +185,11 @@ class MotifDiTConfig:
 
     @classmethod
     def from_diffusers_config(cls, cfg: dict, **overrides) -> MotifDiTConfig:
-        names = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in dict(cfg).items() if k in DIFFUSERS_KEYS}
+        """From a diffusers config (a `config.json`): keys it omits take diffusers' defaults, as
+        `from_pretrained` does, not ours, so both build the same model from the same file."""
+        kw = complete_diffusers_config(cfg)
         kw.update(overrides)
-        unknown = set(kw) - names
+        unknown = set(kw) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown model config keys {sorted(unknown)}")
         return cls(**kw)
@@ -164,7 +198,7 @@ class MotifDiTConfig:
         return asdict(self)
 
 
-CONFIG_DIR = __import__("pathlib").Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = config_dir()  # the checkout's configs/ or the installed wheel's copy
 
 
 def load_model_config(name_or_path: str, **overrides) -> MotifDiTConfig:

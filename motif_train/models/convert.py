@@ -9,13 +9,14 @@ cannot store aliased storage. `from_diffusers` verifies the copies and ties them
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .config import MotifDiTConfig
+from .config import DIFFUSERS_KEYS, MotifDiTConfig, complete_diffusers_config
 from .dit import MotifDiT
 
 TIED = ("to_k.weight", "to_k.bias", "to_v.weight", "to_v.bias", "norm_k.weight", "norm_k.bias")
@@ -61,38 +62,125 @@ def drop_tied_duplicates(state_dict: dict[str, torch.Tensor], config: MotifDiTCo
     return {k: v for k, v in state_dict.items() if k not in dup}
 
 
-def load_diffusers_folder(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read `config.json` and the safetensors weights (single file or sharded index) of a
-    diffusers `save_pretrained` folder. Pickled `.bin` weights are refused."""
+@dataclass
+class Release:
+    """A diffusers `save_pretrained` folder, resolved but not read: its config (diffusers' defaults
+    filled in) and the safetensors files of the chosen variant."""
+
+    folder: Path
+    config: dict
+    files: list[Path]
+    variant: str | None = None
+
+
+def _variants(folder: Path) -> dict[str, str]:
+    """variant -> weights file name (the index for a sharded variant), as diffusers names them:
+    `diffusion_pytorch_model.<v>.safetensors`, `diffusion_pytorch_model.safetensors.index.<v>.json`."""
+    out = {}
+    for p in folder.glob("diffusion_pytorch_model.*.safetensors"):
+        out[p.name[len("diffusion_pytorch_model."):-len(".safetensors")]] = p.name
+    for p in folder.glob("diffusion_pytorch_model.safetensors.index.*.json"):
+        out[p.name[len("diffusion_pytorch_model.safetensors.index."):-len(".json")]] = p.name
+    return {v: n for v, n in out.items() if "-of-" not in v}  # legacy shard files are not variants
+
+
+def open_release(path: str | Path, variant: str | None = None, *, expect: MotifDiTConfig | None = None) -> Release:
+    """Resolve a release folder (or one weights / index file in it, which picks that variant).
+
+    Refused, each with the fix: no `config.json`, pickled `.bin` weights only, an unknown variant,
+    a folder that holds only variant files when none was asked for, and, given `expect` (the
+    model to load it into), any architecture key that differs (`check_release_config`)."""
     path = Path(path)
+    if path.is_file():  # model.init_from=<folder>/diffusion_pytorch_model.fp16.safetensors
+        found = {n: v for v, n in _variants(path.parent).items()}
+        if path.name not in (WEIGHTS_NAME, INDEX_NAME) and path.name not in found:
+            raise FileNotFoundError(f"{path}: not a diffusers weights file; point at the folder or at one of "
+                                    f"{sorted([WEIGHTS_NAME, *found])}")
+        variant, path = found.get(path.name), path.parent
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{cfg_file} not found: point at a diffusers MotifVideoTransformer3DModel folder "
                                 "(the 'transformer' subfolder of a pipeline)")
-    config = json.loads(cfg_file.read_text())
-    if (path / INDEX_NAME).is_file():
-        files = sorted(set(json.loads((path / INDEX_NAME).read_text())["weight_map"].values()))
-    elif (path / WEIGHTS_NAME).is_file():
-        files = [WEIGHTS_NAME]
+    config = complete_diffusers_config(json.loads(cfg_file.read_text()))
+    variants = _variants(path)
+    if variant is None:
+        index, single = INDEX_NAME, WEIGHTS_NAME
+    elif variant in variants:
+        index = single = variants[variant]
+    else:
+        raise FileNotFoundError(f"{path} has no {variant!r} variant; variants found: {sorted(variants) or 'none'}"
+                                + (f" (and the default {WEIGHTS_NAME})" if (path / WEIGHTS_NAME).is_file() else ""))
+    if index.endswith(".json") and (path / index).is_file():
+        files = sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
+    elif (path / single).is_file():
+        files = [single]
+    elif variants:
+        picks = ", ".join(f"model.init_from={path / n} (Python: variant={v!r})" for v, n in sorted(variants.items()))
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path}, only variant weights {sorted(variants)}: pick one "
+                                f"explicitly: {picks}")
     else:
         raise FileNotFoundError(f"no {WEIGHTS_NAME} (or sharded index) in {path}; only safetensors weights are "
                                 "loaded (pickled .bin checkpoints are refused for safety)")
+    release = Release(path, config, [path / n for n in files], variant)
+    if expect is not None:
+        check_release_config(release, expect)
+    return release
+
+
+def release_mismatch(release: Release, config: MotifDiTConfig) -> dict[str, tuple]:
+    """key -> (ours, the release's) for every diffusers key where `config` differs from the folder."""
+    ours = config.diffusers_config()
+    return {k: (ours[k], release.config[k]) for k in DIFFUSERS_KEYS if ours[k] != release.config[k]}
+
+
+def _override(key: str, value) -> str:
+    if value is None:
+        return f"model.{key}=null"
+    if isinstance(value, (tuple, list)):
+        return f"model.{key}=[{','.join(map(str, value))}]"
+    return f"model.{key}={str(value).lower() if isinstance(value, bool) else value}"
+
+
+def check_release_config(release: Release, config: MotifDiTConfig, *, source: str = "model.init_from") -> None:
+    """Refuse to load a release into a model whose architecture keys differ from its `config.json`.
+
+    Keys such as `rope_theta` change the model without changing any weight's shape, so a mismatch
+    would load cleanly and train a different model than the release. The error names every key
+    and the overrides that make `model.*` the release's."""
+    diff = release_mismatch(release, config)
+    if diff:
+        lines = "; ".join(f"model.{k}={a!r} but config.json has {b!r}" for k, (a, b) in diff.items())
+        fix = " ".join(_override(k, b) for k, (_, b) in diff.items())
+        raise ValueError(f"{source}={release.folder}: the model config differs from the release's "
+                         f"{release.folder / 'config.json'}: {lines}. Train the release's model with: {fix}")
+
+
+def load_release_weights(release: Release) -> dict[str, torch.Tensor]:
+    """The release's tensors (safetensors, memory-mapped)."""
     state = {}
-    for name in files:
-        state.update(load_file(str(path / name)))
-    return config, state
+    for f in release.files:
+        state.update(load_file(str(f)))
+    return state
+
+
+def load_diffusers_folder(path: str | Path, variant: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """`config.json` (diffusers' defaults filled in) and the safetensors weights (single file or
+    sharded index, optionally a `variant`) of a diffusers `save_pretrained` folder."""
+    release = open_release(path, variant)
+    return release.config, load_release_weights(release)
 
 
 def from_diffusers(model_or_path, *, shared_kv: bool | None = None, device: torch.device | str | None = None,
-                   dtype: torch.dtype | None = None, **overrides) -> MotifDiT:
+                   dtype: torch.dtype | None = None, variant: str | None = None, **overrides) -> MotifDiT:
     """Our training model from a diffusers `MotifVideoTransformer3DModel` or its local folder.
 
     `shared_kv` defaults to the diffusers config's cross-attention setting (tied). Extra
     keyword arguments override `MotifDiTConfig` fields (`routing=`, `repa=`). The REPA head,
-    absent from diffusers weights, is freshly initialised.
+    absent from diffusers weights, is freshly initialised. `variant` picks e.g. the
+    `diffusion_pytorch_model.fp16.safetensors` weights of a folder.
     """
     if isinstance(model_or_path, (str, Path)):
-        dcfg, state = load_diffusers_folder(model_or_path)
+        dcfg, state = load_diffusers_folder(model_or_path, variant)
     else:
         dcfg, state = dict(model_or_path.config), model_or_path.state_dict()
     if shared_kv is not None:
