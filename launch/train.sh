@@ -27,8 +27,8 @@ export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:T
 
 if [[ "${NNODES}" -eq 1 ]]; then
   exec "${PYTHON}" -m torch.distributed.run --standalone --nnodes=1 --nproc_per_node="${NPROC_PER_NODE}" \
-    -m motif_train.train "$@"
+    -m motif_train.cli.train "$@"
 fi
 exec "${PYTHON}" -m torch.distributed.run --nnodes="${NNODES}" --nproc_per_node="${NPROC_PER_NODE}" \
   --node_rank="${NODE_RANK}" --rdzv_backend=c10d --rdzv_endpoint="${MASTER_ADDR}:${MASTER_PORT}" \
-  --rdzv_id="${RDZV_ID}" -m motif_train.train "$@"
+  --rdzv_id="${RDZV_ID}" -m motif_train.cli.train "$@"

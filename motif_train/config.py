@@ -169,7 +169,8 @@ def validate(cfg: TrainConfig, *, world_size: int, local_world_size: int | None 
     if t.dry_run and cfg.parallel.simulate_world != world_size:
         raise ValueError(f"train.dry_run=true in a world of {world_size} rank(s): the dry run fakes "
                          f"parallel.simulate_world={cfg.parallel.simulate_world} ranks in one process; run "
-                         "`motif-dryrun` (python -m motif_train.dryrun) with the same overrides, or drop train.dry_run")
+                         "`motif-dryrun` (python -m motif_train.cli.dryrun) with the same overrides, or drop "
+                         "train.dry_run")
     if cfg.parallel.simulate_world is not None and not t.dry_run:
         raise ValueError("parallel.simulate_world is set but train.dry_run is false: only the dry run (motif-dryrun) "
                          "simulates a world; unset parallel.simulate_world / parallel.simulate_local to train")

@@ -1,5 +1,5 @@
 """The one list of metric keys: what the trainer logs to W&B (through `MetricsLogger`) and what the
-dashboard (`motif_train.wandb_workspace`) plots.
+dashboard (`motif_train.cli.wandb_workspace`) plots.
 
 `metrics.py` takes its key strings from here, the workspace builds its panels from here, and
 tests/unit/test_wandb_workspace.py checks both directions: every panel key is a key listed here

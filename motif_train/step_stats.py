@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from motif_train.data.batch import Batch
+from motif_train.batch import Batch
 from motif_train.models.config import MotifDiTConfig
 from motif_train.models.flops import model_flops, num_video_tokens, teacher_forward_flops
 from motif_train.objectives.objective import ObjectiveOutput

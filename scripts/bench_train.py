@@ -40,7 +40,7 @@ def summarize(metrics: Path, warmup: int, peak_tflops: float | None) -> dict:
 def bench_cpu(args) -> dict:
     run = Path(tempfile.mkdtemp(prefix="bench_train_"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "motif_train.train", "experiment=tiny_cpu", f"run_dir={run}", "logger.wandb=false",
+           "motif_train.cli.train", "experiment=tiny_cpu", f"run_dir={run}", "logger.wandb=false",
            "checkpoint.every=0", "checkpoint.save_at_end=false"]
     subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     res = {"setup": "experiment=tiny_cpu, 2 gloo ranks, 24 steps (2 stages)", **summarize(run / "metrics.jsonl",
@@ -94,7 +94,7 @@ def run_variant(args, shape: str, ac: str, backend: str, peak: float) -> dict:
     import torch
     from hydra import compose, initialize_config_dir
 
-    from motif_train.train import CONFIG_DIR, to_train_config
+    from motif_train.cli.train import CONFIG_DIR, to_train_config
     from motif_train.trainer import Trainer
 
     f, h, w = SHAPES[shape]

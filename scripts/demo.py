@@ -4,7 +4,7 @@
     2. tiny encoders     random tiny Wan VAE / T5Gemma2 / SigLIP / V-JEPA 2 (the real classes)
     3. motif-preprocess  clips -> latents, text / image embeddings, teacher pixels -> bucket shards
     4. motif-plan        the bucket-balanced plan report for stage 0 (utilization vs naive)
-    5. torchrun --nproc_per_node=2 -m motif_train.train experiment=tiny_cpu   (2 stages, REPA, TREAD)
+    5. torchrun --nproc_per_node=2 -m motif_train.cli.train experiment=tiny_cpu   (2 stages, REPA, TREAD)
          -> SIGKILL of every rank once step 8 is logged (a crash, not a clean preemption)
          -> the same command again: resume=auto picks the newest complete checkpoint and finishes
 """
@@ -34,11 +34,11 @@ def prepare_data(root: Path, n_clips: int, env: dict) -> list[str]:
     print(f"[2/5] tiny random encoders -> {root / 'encoders'}", flush=True)
     build_tiny_encoders(root / "encoders")
     print("[3/5] motif-preprocess", flush=True)
-    subprocess.run([sys.executable, "-m", "motif_train.preprocess", "--input", str(root / "clips"), "--out",
+    subprocess.run([sys.executable, "-m", "motif_train.cli.preprocess", "--input", str(root / "clips"), "--out",
                     str(root / "data"), "--encoders", str(root / "encoders"), "--curriculum", str(curriculum)],
                    env=env, check=True)
     print("[4/5] motif-plan (stage 0, 2 ranks)", flush=True)
-    subprocess.run([sys.executable, "-m", "motif_train.plan", "--manifest", str(root / "data" / "manifest.json"),
+    subprocess.run([sys.executable, "-m", "motif_train.cli.plan", "--manifest", str(root / "data" / "manifest.json"),
                     "--stage-from-config", str(curriculum), "--stage", "0", "--world-size", "2",
                     "--out", str(root / "plan" / "stage0.npz"), "--report", str(root / "plan" / "report.json")],
                    env=env, check=True)
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.synthetic:
         data_args = prepare_data(root, args.clips, env)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "motif_train.train", "experiment=tiny_cpu", f"run_dir={run}", *data_args, *args.overrides]
+           "motif_train.cli.train", "experiment=tiny_cpu", f"run_dir={run}", *data_args, *args.overrides]
     print("$ " + " ".join(cmd[2:]), flush=True)
 
     # The live copy: the run dir's metrics.jsonl is only published at checkpoints and at exit.

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     from diffusers import MotifVideoTransformer3DModel
     from tqdm import tqdm
 
-    from motif_train.data import Batch
+    from motif_train.batch import Batch
     from motif_train.models import build_model, from_diffusers, load_model_config, to_diffusers
     from motif_train.models.flops import model_flops
     from motif_train.objectives import DiffusionObjective, ObjectiveConfig, total_loss

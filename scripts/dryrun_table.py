@@ -3,7 +3,7 @@
 `scripts/gen_config_docs.py` calls `render_tracker_block(memory_model())` for the `memory-tracker` block. The
 report is a committed file (docs/bench/dryrun_2b_64xh200.json), written by
 
-    python -m motif_train.dryrun --no-trainer --out docs/bench/dryrun_2b_64xh200.json \
+    python -m motif_train.cli.dryrun --no-trainer --out docs/bench/dryrun_2b_64xh200.json \
         experiment=motif_video_2b_64xh200 parallel.simulate_world=64 parallel.simulate_local=8
 
 (about 5 minutes on 2 CPU cores: the 2B model on fake tensors), so the docs check stays fast and

@@ -1,5 +1,6 @@
-"""Data: the Batch dataclass now; shards, planner, loader and curriculum with the data issue."""
+"""Data: clips -> shards (preprocess, shards), the plan (plan, curriculum), the loader, and the
+synthetic source. The micro-batch type they produce is `motif_train.batch.Batch` (re-exported)."""
 
-from .batch import Batch
+from motif_train.batch import Batch
 
 __all__ = ["Batch"]

@@ -48,7 +48,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .batch import Batch, check_pad_to, pad_text
+from motif_train.batch import Batch, check_pad_to, pad_text
+
 from .curriculum import StageConfig
 from .plan import Plan, build_plan, replan, sample_ids_by_bucket
 from .rank_plan import RankPlan

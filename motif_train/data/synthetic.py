@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from motif_train.batch import Batch, check_pad_to, pad_text
 from motif_train.utils import stable_seed
 
-from .batch import Batch, check_pad_to, pad_text
 from .curriculum import StageConfig
 
 

@@ -171,7 +171,7 @@ def init_distributed(backend: str = "auto", timeout_min: int = 30, device: str =
     if use_cuda:
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # plain `python -m motif_train.train`: a 1-rank group
+        if "RANK" not in os.environ:  # plain `python -m motif_train.cli.train`: a 1-rank group
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")

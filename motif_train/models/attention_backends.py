@@ -1,7 +1,7 @@
 """Attention kernels and the key-padding forms each one takes (`model.attention_backend`).
 
 Only keys are ever padded here: the joint sequence is [video | image | text] and a micro-batch's
-captions are zero-padded at the end of the text (`data.batch.pad_text`); every video and image
+captions are zero-padded at the end of the text (`motif_train.batch.pad_text`); every video and image
 key is always visible. So a key-padding mask per sample is all the model needs, and it is built
 ONCE per forward and sequence layout (full / TREAD-routed), never per attention call:
 

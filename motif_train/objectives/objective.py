@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from motif_train.data.batch import Batch, pad_length
+from motif_train.batch import Batch, pad_length
 
 from .conditioning import (
     ConditioningConfig,

@@ -32,7 +32,7 @@ def env(**extra) -> dict:
 def torchrun_cmd(run_dir: Path, nproc: int, *overrides: str) -> list[str]:
     base = [o for o in FAST if not (o.startswith("data=") and any(x.startswith("data=") for x in overrides))]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "motif_train.train", *base, f"run_dir={run_dir}", *overrides]
+            "-m", "motif_train.cli.train", *base, f"run_dir={run_dir}", *overrides]
 
 
 def launch(run_dir: Path, nproc: int = 2, *overrides: str, **env_extra) -> subprocess.Popen:

@@ -220,8 +220,8 @@ def test_bucket_that_does_not_split_fails_before_work():
     """9x64x80 latents are 3x4x5 = 60 tokens: 30 kept at r=0.5 split over 2, but r=0.25 keeps 45."""
     from hydra import compose, initialize_config_dir
 
+    from motif_train.cli.train import CONFIG_DIR, to_train_config
     from motif_train.config import validate
-    from motif_train.train import CONFIG_DIR, to_train_config
 
     over = ["experiment=tiny_cpu", "data=synthetic", "parallel.cp=2", "curriculum.stages.0.buckets=[[9,64,80]]",
             "curriculum.stages.0.routing.ratio=0.25"]

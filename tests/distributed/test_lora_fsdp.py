@@ -69,12 +69,12 @@ def test_exact_resume(reference, release, tmp_path):
 def test_export_lora_and_merge_match_diffusers(reference, release, tmp_path, weights):
     from diffusers import MotifVideoTransformer3DModel
 
+    from motif_train.cli.export import load_lora_checkpoint, run_config
     from motif_train.config import ModelSpec
-    from motif_train.export import load_lora_checkpoint, run_config
 
     ckpt = ckpt_dir(reference, 6)
     for flag, out in (("--lora", tmp_path / "lora"), ("--merge", tmp_path / "merged")):
-        subprocess.run([sys.executable, "-m", "motif_train.export", f"checkpoint={ckpt}", f"out={out}",
+        subprocess.run([sys.executable, "-m", "motif_train.cli.export", f"checkpoint={ckpt}", f"out={out}",
                         f"weights={weights}", flag], check=True, capture_output=True, env=env(), cwd=REPO)
     from omegaconf import OmegaConf
 

@@ -29,7 +29,7 @@ def _worker(rank: int, world: int, init_file: str, run_dir: str, out: str) -> No
     import torch.distributed as dist
     from hydra import compose, initialize_config_dir
 
-    from motif_train.train import CONFIG_DIR, to_train_config
+    from motif_train.cli.train import CONFIG_DIR, to_train_config
     from motif_train.trainer import Trainer
     from tests.unit.test_host_syncs import SyncCounter
 
@@ -139,8 +139,8 @@ def test_every_step_still_written(counted):
 def test_gc_every_is_validated():
     from hydra import compose, initialize_config_dir
 
+    from motif_train.cli.train import CONFIG_DIR, to_train_config
     from motif_train.config import validate
-    from motif_train.train import CONFIG_DIR, to_train_config
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = to_train_config(compose(config_name="train", overrides=["experiment=tiny_cpu", "data=synthetic",

@@ -17,8 +17,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from hydra import compose, initialize_config_dir
 
+from motif_train.cli.train import CONFIG_DIR, to_train_config
 from motif_train.config import validate
-from motif_train.train import CONFIG_DIR, to_train_config
 from tests.distributed._runs import (
     REPO,
     ckpt_dir,
@@ -158,7 +158,7 @@ def test_nonsense_values_fail_at_composition(override, message):
 def test_nonsense_size_fails_the_real_cli_before_any_work(tmp_path):
     run = tmp_path / "run"
     t0 = time.monotonic()
-    p = subprocess.run([sys.executable, "-m", "motif_train.train", "experiment=tiny_cpu", "data=synthetic",
+    p = subprocess.run([sys.executable, "-m", "motif_train.cli.train", "experiment=tiny_cpu", "data=synthetic",
                         "logger.wandb=false", f"run_dir={run}", "curriculum.stages.1.global_batch=0"],
                        env=env(), cwd=REPO, capture_output=True, text=True, timeout=120)
     assert p.returncode != 0

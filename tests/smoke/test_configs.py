@@ -8,8 +8,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
+from motif_train.cli.train import CONFIG_DIR, to_train_config
 from motif_train.config import TrainConfig, validate
-from motif_train.train import CONFIG_DIR, to_train_config
 
 GROUPS = ["model", "optim", "parallel", "checkpoint", "logger", "data", "curriculum", "experiment"]
 

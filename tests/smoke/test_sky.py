@@ -134,7 +134,7 @@ def _accelerators(task: dict) -> list[dict[str, int]]:
 def _compose(overrides: list[str], env: dict[str, str], monkeypatch):
     from hydra import compose, initialize_config_dir
 
-    from motif_train.train import CONFIG_DIR, to_train_config
+    from motif_train.cli.train import CONFIG_DIR, to_train_config
 
     for k, v in env.items():  # the configs read MOTIF_* with oc.env when resolved
         if k.startswith("MOTIF_"):
@@ -234,11 +234,11 @@ def test_train_yaml_overrides_compose_and_validate(monkeypatch):
 
 
 def test_preprocess_yaml_arguments_parse():
-    from motif_train.preprocess import build_parser, read_curriculum
+    from motif_train.cli.preprocess import build_parser, read_curriculum
 
     task = _load(SKY_DIR / "preprocess.yaml")
     envs = _envs(task)
-    args = build_parser().parse_args(_args_after(task["run"], "-m motif_train.preprocess", envs))
+    args = build_parser().parse_args(_args_after(task["run"], "-m motif_train.cli.preprocess", envs))
     assert args.device == "cuda" and args.out == envs["MOTIF_DATA"] and args.encoders == envs["MOTIF_ENCODERS"]
     assert len(read_curriculum(ROOT / args.curriculum)) == 4
     train = _envs(_load(SKY_DIR / "train.yaml"))

@@ -50,7 +50,7 @@ def encoded_batch(encoders, *, seed: int, width: int, prompts=("a red ball rolls
                   max_length: int = 16):
     """A 2-sample Batch of random 9 x 64 x `width` clips through the tiny encoders (VAE latents, text,
     SigLIP frame-0 tokens, REPA teacher pixels)."""
-    from motif_train.data import Batch
+    from motif_train.batch import Batch
     from motif_train.objectives.repa import teacher_pixels
 
     g = torch.Generator().manual_seed(seed)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from motif_train.data import Batch
+from motif_train.batch import Batch
 from motif_train.models import RoutingConfig
 from motif_train.models.attention_backends import (
     activate_flash_impl,

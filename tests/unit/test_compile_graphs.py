@@ -6,7 +6,7 @@ import torch
 from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 from torch._dynamo.utils import counters
 
-from motif_train.data.batch import pad_text
+from motif_train.batch import pad_text
 from motif_train.distributed.parallelize import apply_ac, apply_compile
 from motif_train.models import RoutingConfig
 from motif_train.models.blocks import DualStreamBlock, SingleStreamBlock
@@ -96,7 +96,7 @@ def test_pad_text_picks_the_smallest_length_and_names_the_key():
 def test_pad_to_accepts_the_list_hydra_passes():
     from omegaconf import OmegaConf
 
-    from motif_train.data.batch import check_pad_to
+    from motif_train.batch import check_pad_to
 
     assert check_pad_to(OmegaConf.create([128, 64, 64])) == [64, 128]  # a ListConfig, as from configs/data/*.yaml
     for bad in ("64", [], [0, 64], [True]):
@@ -110,7 +110,7 @@ def test_compiled_sdpa_keeps_one_mask_variant(tiny_cfg, drop_unpadded_mask, grap
     (what the trainer sets for compiled sdpa blocks) the graph set stays at the 4 variants; dropping
     the mask of unpadded micro-batches adds a mask-free graph to each of the 3 text-attending variants, compiled
     at whichever step first has no padding — a different step on each rank."""
-    from motif_train.data import Batch
+    from motif_train.batch import Batch
     from motif_train.objectives.objective import DiffusionObjective, ObjectiveConfig
 
     torch._dynamo.reset()

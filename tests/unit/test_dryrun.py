@@ -1,4 +1,4 @@
-"""The dry run (motif_train/dryrun.py) of the 64-rank HSDP recipe on the tiny preset: the 8 x 8 mesh, 1/8
+"""The dry run (motif_train/cli/dryrun.py) of the 64-rank HSDP recipe on the tiny preset: the 8 x 8 mesh, 1/8
 local shards, plan steps equal to motif-plan's, FSDPMemTracker figures that move as the analytic model
 says (AC none > full; activations grow with the bucket), an OOM exit naming the stage, early config errors."""
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from motif_train import dryrun
+from motif_train.cli import dryrun
 from motif_train.data.shards import bucket_name
 from motif_train.models.config import RoutingConfig
 
@@ -94,7 +94,7 @@ def test_tracker_moves_like_the_analytic_model(report, tmp_path):
 
 
 def test_plan_steps_equal_motif_plan(tmp_path):
-    from motif_train import plan as motif_plan
+    from motif_train.cli import plan as motif_plan
 
     buckets = {(9, 64, 96): 72, (5, 96, 64): 48, (9, 96, 128): 144}
     counts = {(9, 64, 96): 700, (5, 96, 64): 333, (9, 96, 128): 257}

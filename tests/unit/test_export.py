@@ -10,7 +10,7 @@ import torch
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, MotifVideoTransformer3DModel
 from diffusers.guiders import ClassifierFreeGuidance
 
-from motif_train.export import export_checkpoint, load_checkpoint_model
+from motif_train.cli.export import export_checkpoint, load_checkpoint_model
 from motif_train.models.convert import from_diffusers
 
 
@@ -18,7 +18,7 @@ from motif_train.models.convert import from_diffusers
 def run(tmp_path_factory):
     """A real (1-process) training run: 3 steps, validation at the end, a checkpoint."""
     run = tmp_path_factory.mktemp("run")
-    subprocess.run([sys.executable, "-m", "motif_train.train", "experiment=tiny_cpu", "data=synthetic",
+    subprocess.run([sys.executable, "-m", "motif_train.cli.train", "experiment=tiny_cpu", "data=synthetic",
                     f"run_dir={run}", "logger.wandb=false", "curriculum.stages.0.steps=2",
                     "curriculum.stages.1.steps=1", "eval.every=0", "eval.steps=2"],
                    check=True, capture_output=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
@@ -91,10 +91,11 @@ def test_exported_folder_runs_in_the_motif_pipelines(run, tmp_path):
 
 def test_motif_sample_cli(run, tmp_path):
     ckpt = run / "checkpoints" / "step_00000003"
-    p = subprocess.run([sys.executable, "-m", "motif_train.sample", f"checkpoint={ckpt}",
+    p = subprocess.run([sys.executable, "-m", "motif_train.cli.sample", f"checkpoint={ckpt}",
                         "prompt=a blue circle", "steps=2", f"out={tmp_path / 's'}"], capture_output=True, text=True,
                        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert p.returncode == 0, p.stderr[-2000:]
     assert sorted(x.name for x in (tmp_path / "s").iterdir()) == ["grid.png", "t2v_00.mp4"]
-    bad = subprocess.run([sys.executable, "-m", "motif_train.export", "checkpoint=x"], capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, "-m", "motif_train.cli.export", "checkpoint=x"], capture_output=True,
+                         text=True)
     assert bad.returncode == 2 and "out=" in bad.stderr

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from motif_train.flops import flop_table, main
+from motif_train.cli.flops import flop_table, main
 from motif_train.models import RoutingConfig, load_model_config
 from motif_train.models.flops import count_with_flop_counter, latent_shape, model_flops
 

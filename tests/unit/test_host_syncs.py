@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
-from motif_train.data import Batch
+from motif_train.batch import Batch
 from motif_train.models import RoutingConfig
 from motif_train.objectives import DiffusionObjective, ObjectiveConfig, total_loss
 from motif_train.objectives.encoders import build_tiny_encoders, load_encoders

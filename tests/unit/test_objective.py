@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from motif_train.data import Batch
+from motif_train.batch import Batch
 from motif_train.models import RoutingConfig, build_model
 from motif_train.objectives import DiffusionObjective, ObjectiveConfig, total_loss
 from motif_train.objectives.conditioning import ConditioningConfig, timestep_blur

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from motif_train.cli.plan import main
 from motif_train.data.plan import (
     MAX_DROP,
     Plan,
@@ -20,7 +21,6 @@ from motif_train.data.plan import (
     replan,
     sample_ids_by_bucket,
 )
-from motif_train.plan import main
 
 WORLD_SIZES = [1, 2, 3, 4, 8, 64]
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])

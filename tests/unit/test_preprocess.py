@@ -277,7 +277,7 @@ def test_other_settings_are_refused(env, clean):
 
 
 def test_cli_curriculum(env, tmp_path, capsys):
-    from motif_train.preprocess import main, read_curriculum
+    from motif_train.cli.preprocess import main, read_curriculum
 
     cur = tmp_path / "cur.yaml"
     cur.write_text("stages:\n"

@@ -37,7 +37,7 @@ def test_unknown_key_and_missing_preset():
 
 
 def test_module_entry_point():
-    out = subprocess.run([sys.executable, "-m", "motif_train.flops", "--model", "tiny", "--shapes", "5x64x96",
+    out = subprocess.run([sys.executable, "-m", "motif_train.cli.flops", "--model", "tiny", "--shapes", "5x64x96",
                           "--json"], capture_output=True, text=True, check=True)
     assert '"tokens": 48' in out.stdout  # latent (1+1) x (64/16) x (96/16)
 

@@ -37,7 +37,7 @@ def save_release(cfg: MotifDiTConfig, folder, *, drop=(), dtype=torch.float32, *
 
 
 def train(run_dir, *overrides):
-    return subprocess.run([sys.executable, "-m", "motif_train.train", *RUN, f"run_dir={run_dir}", *overrides],
+    return subprocess.run([sys.executable, "-m", "motif_train.cli.train", *RUN, f"run_dir={run_dir}", *overrides],
                           capture_output=True, text=True, env=ENV, timeout=300)
 
 
@@ -96,7 +96,7 @@ def test_rope_theta_release_refused_by_the_trainer_then_trained_and_exported(tin
     ok = train(tmp_path / "ok", f"model.init_from={release}", "model.rope_theta=10000.0")
     assert ok.returncode == 0, ok.stderr[-3000:]
     out = tmp_path / "export"
-    exp = subprocess.run([sys.executable, "-m", "motif_train.export", f"checkpoint={tmp_path}/ok/checkpoints/"
+    exp = subprocess.run([sys.executable, "-m", "motif_train.cli.export", f"checkpoint={tmp_path}/ok/checkpoints/"
                           "step_00000002", f"out={out}", "weights=raw"], capture_output=True, text=True, env=ENV)
     assert exp.returncode == 0, exp.stderr[-3000:]
     written = json.loads((out / "config.json").read_text())
@@ -143,7 +143,7 @@ def test_export_warns_about_runs_that_trained_another_model_than_their_release(t
     """Runs from before the check: the export still writes what was trained, and says so."""
     from omegaconf import OmegaConf
 
-    from motif_train.export import warn_release_mismatch
+    from motif_train.cli.export import warn_release_mismatch
 
     release = save_release(tiny(tiny_cfg, rope_theta=10000.0), tmp_path / "release")
     warn_release_mismatch(randomized(tiny_cfg), OmegaConf.create({"model": {"init_from": str(release)}}))

@@ -1,4 +1,4 @@
-"""The W&B workspace as code (`motif_train.wandb_workspace`) and the one key list it shares with
+"""The W&B workspace as code (`motif_train.cli.wandb_workspace`) and the one key list it shares with
 `metrics.py` (`motif_train.metric_keys`): the spec builds without a network, every panel key is a key
 a real (offline) run logs, and every key the run logs is in the list."""
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from motif_train import metric_keys as mk
-from motif_train import wandb_workspace as wsmod
+from motif_train.cli import wandb_workspace as wsmod
 from motif_train.metrics import LoggerConfig, MetricsLogger
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,12 +102,12 @@ def test_save_without_api_key_exits_nonzero(no_network, monkeypatch, capsys):
 
 def test_module_entry_point(tmp_path):
     env = {"WANDB_MODE": "offline", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "motif_train.wandb_workspace", "--entity", "e", "--project", "p",
+    out = subprocess.run([sys.executable, "-m", "motif_train.cli.wandb_workspace", "--entity", "e", "--project", "p",
                           "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["project"] == "p"
     text = (ROOT / "pyproject.toml").read_text()
-    assert 'motif-wandb-workspace = "motif_train.wandb_workspace:main"' in text
+    assert 'motif-wandb-workspace = "motif_train.cli.wandb_workspace:main"' in text
 
 
 def _trainer_like_steps(n: int) -> list[dict]:

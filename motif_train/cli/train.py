@@ -1,7 +1,7 @@
-"""Hydra entry point: `motif-train` / `python -m motif_train.train` / `torchrun ... -m motif_train.train`.
+"""Hydra entry point: `motif-train` / `python -m motif_train.cli.train` / `torchrun ... -m motif_train.cli.train`.
 
-    torchrun --nproc_per_node=8 -m motif_train.train experiment=motif_video_2b_64xh200
-    python -m motif_train.train experiment=tiny_cpu train.steps=20
+    torchrun --nproc_per_node=8 -m motif_train.cli.train experiment=motif_video_2b_64xh200
+    python -m motif_train.cli.train experiment=tiny_cpu train.steps=20
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from motif_train.export import load_checkpoint_model, parse_kv, run_config
+from motif_train.cli.export import load_checkpoint_model, parse_kv, run_config
 from motif_train.sampling import EvalConfig, build_requests, generate, write_outputs
 
 USAGE = __doc__.split("\n\n")[1]

@@ -1,4 +1,4 @@
-"""`motif-preprocess` (also `python -m motif_train.preprocess`): raw clips -> training shards.
+"""`motif-preprocess` (also `python -m motif_train.cli.preprocess`): raw clips -> training shards.
 
     motif-preprocess --input clips/ 'v2d/{00000..00009}.tar' --out data/tiny --encoders ckpt/ \\
         --curriculum configs/curriculum/tiny.yaml [--fps 8] [--no-image] [--device cuda]

@@ -1,4 +1,7 @@
-"""The one batch type that flows from the loader to the objective."""
+"""The one batch type that flows from the loader to the objective.
+
+It lives below both (data/ builds it, objectives/ and the trainer read it), so no component imports
+another's module for a shared type."""
 
 from __future__ import annotations
 

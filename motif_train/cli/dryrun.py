@@ -1,7 +1,7 @@
 """`motif-dryrun`: the real trainer at a simulated world size in one CPU process, before a GPU is reserved.
 
     motif-dryrun experiment=motif_video_2b_64xh200 parallel.simulate_world=64 parallel.simulate_local=8
-    python -m motif_train.dryrun --no-trainer --out dry.json experiment=... parallel.simulate_world=64
+    python -m motif_train.cli.dryrun --no-trainer --out dry.json experiment=... parallel.simulate_world=64
 
 Three phases, each failing with the config key to fix:
 
@@ -138,7 +138,7 @@ def check(cfg: TrainConfig, *, need_manifest: bool = True) -> dict:
            "mesh_dims": ["dp_replicate", "dp_shard"] if rep > 1 else ["dp_shard"], "plan_steps": None,
            "plan_note": "synthetic data: no plan (global_batch per stage)"}
     if uses_shards(cfg):
-        from motif_train.plan import PlanInputError, load_manifest
+        from motif_train.cli.plan import PlanInputError, load_manifest
 
         root = _data(cfg, "root", None)
         try:
@@ -478,7 +478,7 @@ def compose(overrides: list[str]) -> TrainConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from motif_train.train import CONFIG_DIR, to_train_config
+    from motif_train.cli.train import CONFIG_DIR, to_train_config
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return to_train_config(hydra_compose("train", overrides=[*overrides, "train.dry_run=true"]))
