@@ -281,13 +281,18 @@ class FakeModel:
         self.mode = FakeTensorMode(allow_non_fake_inputs=True)  # meta storage -> fake in to_empty
         with torch.device("meta"):
             self.model = MotifDiT(config)
+        if cfg.model.lora.enabled:  # as the trainer: adapters injected before AC / FSDP2, the base frozen
+            from motif_train.models.lora import apply_lora
+
+            apply_lora(self.model, cfg.model.lora)
         parallelize_model(self.model, pcfg, mesh, torch.device("cpu"), mp=mixed_precision(pcfg, device))
         self.param_dtype = str(mixed_precision(pcfg, device).param_dtype)
         with self.mode:
             self.model.to_empty(device="cpu")
             self.optimizer = build_optimizer(self.model, cfg.optim, torch.device("cpu"))
             for p in self.model.parameters():  # AdamW's moments exist from the first step on: create them now
-                p.grad = torch.zeros_like(p)
+                if p.requires_grad:
+                    p.grad = torch.zeros_like(p)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.config = config
@@ -298,8 +303,10 @@ class FakeModel:
         return [{"name": n, "global": list(p.shape), "local": list(p.to_local().shape)}
                 for n, p in self.model.named_parameters()]
 
-    def local_bytes(self, dtype_bytes: int = 4) -> int:
-        return sum(p.to_local().numel() for p in self.model.parameters()) * dtype_bytes
+    def local_bytes(self, dtype_bytes: int = 4, *, trainable: bool = False) -> int:
+        """This rank's shard of the parameters (`trainable`: only those the optimizer and EMA hold)."""
+        return sum(p.to_local().numel() for p in self.model.parameters()
+                   if p.requires_grad or not trainable) * dtype_bytes
 
     def track(self, *, latent, batch: int, text_len: int, image_len: int, routing, repa: bool) -> dict:
         """One training step on fake tensors under FSDPMemTracker; the peak snapshot in GiB by category."""
@@ -338,7 +345,7 @@ class FakeModel:
 
 def track_stages(cfg: TrainConfig, fake: FakeModel, dp: int, *, stages: list[int] | None = None) -> list[dict]:
     """Phase 3: per stage, its largest bucket (tokens per rank) as T2V and, for video with I2V, as I2V."""
-    ema = fake.local_bytes(4) / GIB if cfg.ema.enabled else 0.0
+    ema = fake.local_bytes(4, trainable=True) / GIB if cfg.ema.enabled else 0.0  # LoRA: the adapters only
     teacher, _ = teacher_gib(cfg)
     txt, img = text_tokens(cfg), image_tokens(cfg)
     out = []
@@ -363,8 +370,10 @@ def track_stages(cfg: TrainConfig, fake: FakeModel, dp: int, *, stages: list[int
 
 
 def analytic_state_gib(fake: FakeModel, cfg: TrainConfig) -> float:
-    """fp32 params + grads + AdamW m, v (+ EMA) of this rank's shards: the analytic state term."""
-    return fake.local_bytes(4) * (4 + (1 if cfg.ema.enabled else 0)) / GIB
+    """fp32 params, + grads, AdamW m, v (+ EMA) of the trainable ones, this rank's shards: the analytic
+    state term (with LoRA the frozen base has no grads, moments or EMA)."""
+    trainable = fake.local_bytes(4, trainable=True) * (3 + (1 if cfg.ema.enabled else 0))
+    return (fake.local_bytes(4) + trainable) / GIB
 
 
 # ---------------------------------------------------------------------------------------------- driver
