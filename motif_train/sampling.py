@@ -3,6 +3,14 @@
 `FlowMatchEulerDiscreteScheduler` (sigmas = linspace(1, 1/steps), the configured shift) steps the
 latents; diffusers' `ClassifierFreeGuidance` combines the conditional and unconditional velocity.
 
+Where we differ from `MotifVideoImageToVideoPipeline`, on purpose: (1) the I2V condition is the VAE
+posterior's mode, not a sample of it: training conditions on frame 0 of the preprocessed latents,
+which are the mode (data/preprocess.py), so validation shows the model on its training condition
+and the same request gives the same video at every validation; (2) the shift is `eval.shift`, fixed,
+where the pipeline passes `mu` from the sequence length (used only when its scheduler config turns
+dynamic shifting on): a fixed shift keeps validations at different buckets comparable; to mimic a
+dynamic-shifting scheduler set `eval.shift` = exp(mu) for the clip's sequence length.
+
 At 64 ranks (issue 10): the prompts are encoded once, on rank 0 (the only rank that loads the text
 and image encoders), cached in the run dir as safetensors and broadcast as those bytes; request i is
 sampled by rank ``i % world_size`` only, which decodes it with the frozen VAE (loaded only on ranks
@@ -43,7 +51,7 @@ class EvalConfig:
     shift: float = 5.0  # inference shift (the released pipelines use ~15 for 720p T2V, ~8 for I2V)
     guidance_scale: float = 5.0
     seed: int = 0
-    fps: int = 8
+    fps: int = 8  # validation mp4s (short tiny clips); motif-sample writes fps= (default 24)
     ema: bool = True  # sample with the EMA weights when the run keeps them
 
     def __post_init__(self) -> None:
@@ -128,16 +136,43 @@ def to_uint8_frames(pixels: torch.Tensor) -> torch.Tensor:
     return ((pixels[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu()
 
 
-def frame_grid(videos: list[torch.Tensor], max_cols: int = 8) -> np.ndarray:
-    """Videos (T, H, W, 3) uint8 -> one image: a row per video, up to `max_cols` evenly spaced frames."""
-    rows = []
+def frame_grid(videos: list[torch.Tensor], max_cols: int = 8, labels: list[str] | None = None) -> np.ndarray:
+    """Videos (T, H, W, 3) uint8 -> one image: a row per video, up to `max_cols` evenly spaced frames.
+
+    With `labels` (one per video: task, prompt, seed) each row gets a caption strip above it and the
+    first row's frames their frame indices, so a grid read alone says what each tile is."""
+    from PIL import Image, ImageDraw
+
+    rows, indices = [], []
     for v in videos:
         idx = np.linspace(0, v.shape[0] - 1, min(max_cols, v.shape[0])).round().astype(int)
-        row = np.concatenate([v[i].numpy() for i in idx], axis=1)
-        rows.append(row)
+        rows.append(np.concatenate([v[i].numpy() for i in idx], axis=1))
+        indices.append((idx, v.shape[2]))
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
-    return np.concatenate(rows, axis=0)
+    if labels is None:
+        return np.concatenate(rows, axis=0)
+    strip = 14  # px: one line of PIL's default bitmap font
+    parts = []
+    for k, (row, label) in enumerate(zip(rows, labels, strict=True)):
+        head = Image.new("RGB", (width, strip), (16, 16, 16))
+        draw = ImageDraw.Draw(head)
+        draw.text((2, 1), label[: width // 6], fill=(235, 235, 235))  # ~6 px per glyph: clip to the row
+        if k == 0:
+            idx, w = indices[0]
+            for j, f in enumerate(idx):
+                draw.text((j * w + w - 6 * len(str(f)) - 2, 1), str(f), fill=(250, 200, 60))  # frame index
+        parts += [np.asarray(head), row]
+    return np.concatenate(parts, axis=0)
+
+
+def request_labels(cfg: EvalConfig, names: list[str]) -> list[str]:
+    """Row captions for `frame_grid`: request name (task), its seed and its prompt."""
+    out = []
+    for i, name in enumerate(names):
+        prompt = cfg.i2v_prompt if name.startswith("i2v") else cfg.prompts[int(name.split("_")[-1])]
+        out.append(f"{name} | seed {cfg.seed * 1000 + i} | {prompt}")
+    return out
 
 
 def _comm_device(device: torch.device) -> torch.device:
@@ -203,8 +238,9 @@ def _gather_to_rank0(mine: list[torch.Tensor], n: int, rank: int, world_size: in
     return out
 
 
-def write_outputs(videos: list[tuple[str, torch.Tensor]], out_dir: Path, fps: int) -> tuple[list[Path], Path]:
-    """mp4 per video + a PNG frame grid of all of them."""
+def write_outputs(videos: list[tuple[str, torch.Tensor]], out_dir: Path, fps: int,
+                  labels: list[str] | None = None) -> tuple[list[Path], Path]:
+    """mp4 per video at `fps` + a PNG frame grid of all of them (rows captioned with `labels`)."""
     from PIL import Image
 
     from motif_train.data.clips import write_mp4
@@ -216,7 +252,7 @@ def write_outputs(videos: list[tuple[str, torch.Tensor]], out_dir: Path, fps: in
         write_mp4(p, v.numpy(), fps)
         paths.append(p)
     grid = out_dir / "grid.png"
-    Image.fromarray(frame_grid([v for _, v in videos])).save(grid)
+    Image.fromarray(frame_grid([v for _, v in videos], labels=labels)).save(grid)
     return paths, grid
 
 

@@ -287,7 +287,7 @@ class Trainer:
     def validate(self) -> list:
         """Sample the fixed prompts (+ the I2V frame) with the EMA weights on every rank (sharded
         model), write mp4s + a PNG grid under <run_dir>/samples/step_XXXXXXXX, log videos to W&B."""
-        from motif_train.sampling import build_requests, generate, write_outputs
+        from motif_train.sampling import build_requests, generate, request_labels, write_outputs
 
         ev = self.cfg.eval
         if self._val is None:
@@ -305,7 +305,7 @@ class Trainer:
             self.model.train()
         if self.dist.is_main:
             out = self.run_dir / "samples" / f"step_{self.step:08d}"
-            paths, grid = write_outputs(videos, out, ev.fps)
+            paths, grid = write_outputs(videos, out, ev.fps, request_labels(ev, [n for n, _ in videos]))
             for name, v in videos:
                 self.metrics.log_video(self.step, mk.video_key(name), v.numpy(), ev.fps)
             self.metrics.log_event(self.step, f"validation: {len(paths)} videos, grid {grid}",

@@ -2,9 +2,10 @@
 
     motif-sample checkpoint=runs/x/checkpoints/step_00012000 prompt="a red fox in the snow" \
         [out=<dir>] [weights=ema|raw] [image=<first frame for I2V>] [frames=33 height=256 width=448]
-        [steps=30 shift=8 guidance=5 seed=0] [encoders=<folder>]
+        [steps=30 shift=8 guidance=5 seed=0 fps=24] [encoders=<folder>]
 
-Writes one mp4 per request and a PNG frame grid. Encoders (VAE, text, SigLIP) come from the run's
+Writes one mp4 per request (at fps=, default 24 as the model card's example) and a PNG frame grid
+whose rows say the task, seed and prompt. Encoders (VAE, text, SigLIP) come from the run's
 `encoders.root` unless `encoders=` is given.
 """
 
@@ -16,14 +17,14 @@ from pathlib import Path
 import torch
 
 from motif_train.cli.export import load_checkpoint_model, parse_kv, run_config
-from motif_train.sampling import EvalConfig, build_requests, generate, write_outputs
+from motif_train.sampling import EvalConfig, build_requests, generate, request_labels, write_outputs
 
 USAGE = __doc__.split("\n\n")[1]
 
 
 def main(argv: list[str] | None = None) -> int:
     keys = {"checkpoint": "required", "prompt": "required", "out": "", "weights": "ema", "image": "", "frames": "",
-            "height": "", "width": "", "steps": "", "shift": "", "guidance": "", "seed": "", "encoders": "",
+            "height": "", "width": "", "steps": "", "shift": "", "guidance": "", "seed": "", "fps": "", "encoders": "",
             "config": ""}
     a = parse_kv(sys.argv[1:] if argv is None else argv, keys, USAGE)
     ckpt = Path(a["checkpoint"])
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
                              ("seed", "seed", int)):
         if a.get(key):
             ev[field] = cast(a[key])
+    ev["fps"] = int(a.get("fps") or 24)
     ev["i2v_frame"] = a.get("image") or None
     ev["i2v_prompt"] = a["prompt"]
     ev["prompts"] = [a["prompt"]]
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         items = items[-1:]  # with image=, the one request is the I2V one
     videos = generate(model, items, negative, vae, ev_cfg, device=device)
     out = Path(a.get("out") or ckpt.parent.parent / "samples" / f"offline_{ckpt.name}")
-    paths, grid = write_outputs(videos, out, ev_cfg.fps)
+    paths, grid = write_outputs(videos, out, ev_cfg.fps, request_labels(ev_cfg, [n for n, _ in videos]))
     print("\n".join(str(p) for p in [*paths, grid]))
     return 0
 

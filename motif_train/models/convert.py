@@ -209,7 +209,8 @@ def diffusers_state_dict(model: MotifDiT) -> dict[str, torch.Tensor]:
 def to_diffusers(model: MotifDiT, state_dict: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """A `MotifVideoTransformer3DModel` holding our weights (strict load, tied tensors cloned).
 
-    `state_dict` lets a caller pass full (e.g. gathered or EMA) weights for a sharded model.
+    `state_dict` lets a caller pass full (e.g. gathered or EMA) weights for a sharded model. The
+    result is in `model`'s train / eval mode.
     """
     from diffusers import MotifVideoTransformer3DModel
 
@@ -218,4 +219,4 @@ def to_diffusers(model: MotifDiT, state_dict: dict[str, torch.Tensor] | None = N
     with torch.device("meta"):
         out = MotifVideoTransformer3DModel(**model.config.diffusers_config())
     out.load_state_dict(state, strict=True, assign=True)
-    return out.eval()
+    return out.train(model.training)  # the caller's mode: diffusers' training tests reject an eval model

@@ -11,6 +11,7 @@ from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, MotifVi
 from diffusers.guiders import ClassifierFreeGuidance
 
 from motif_train.cli.export import export_checkpoint, load_checkpoint_model
+from motif_train.models import build_model
 from motif_train.models.convert import from_diffusers
 
 
@@ -96,6 +97,35 @@ def test_motif_sample_cli(run, tmp_path):
                        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert p.returncode == 0, p.stderr[-2000:]
     assert sorted(x.name for x in (tmp_path / "s").iterdir()) == ["grid.png", "t2v_00.mp4"]
+    import av
+
+    with av.open(str(tmp_path / "s" / "t2v_00.mp4")) as c:  # fps= defaults to 24, not validation's 8
+        assert c.streams.video[0].average_rate == 24
     bad = subprocess.run([sys.executable, "-m", "motif_train.cli.export", "checkpoint=x"], capture_output=True,
                          text=True)
     assert bad.returncode == 2 and "out=" in bad.stderr
+
+
+def test_grid_rows_say_task_seed_prompt_and_frames():
+    from motif_train.sampling import EvalConfig, frame_grid, request_labels
+
+    cfg = EvalConfig(prompts=["a red ball", "two cubes"], i2v_prompt="it rolls", seed=3)
+    labels = request_labels(cfg, ["t2v_00", "t2v_01", "i2v_00"])
+    assert labels == ["t2v_00 | seed 3000 | a red ball", "t2v_01 | seed 3001 | two cubes",
+                      "i2v_00 | seed 3002 | it rolls"]
+    videos = [torch.zeros(9, 32, 48, 3, dtype=torch.uint8) for _ in labels]
+    plain, captioned = frame_grid(videos), frame_grid(videos, labels=labels)
+    assert plain.shape == (3 * 32, 8 * 48, 3) and captioned.shape == (3 * (32 + 14), 8 * 48, 3)
+    strips = [captioned[k * 46:k * 46 + 14] for k in range(3)]
+    assert all((s > 100).any() for s in strips)  # text drawn in every caption strip
+    assert not np.array_equal(strips[0], strips[1])  # each row its own caption
+    yellow = (strips[0][..., 0] > 200) & (strips[0][..., 2] < 120)  # frame indices, first row only
+    assert yellow.any() and not ((strips[1][..., 0] > 200) & (strips[1][..., 2] < 120)).any()
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_to_diffusers_keeps_the_callers_mode(tiny_cfg, training):
+    from motif_train.models.convert import to_diffusers
+
+    m = build_model(tiny_cfg).train(training)
+    assert to_diffusers(m).training is training
