@@ -139,8 +139,8 @@ def to_uint8_frames(pixels: torch.Tensor) -> torch.Tensor:
 def frame_grid(videos: list[torch.Tensor], max_cols: int = 8, labels: list[str] | None = None) -> np.ndarray:
     """Videos (T, H, W, 3) uint8 -> one image: a row per video, up to `max_cols` evenly spaced frames.
 
-    With `labels` (one per video: task, prompt, seed) each row gets a caption strip above it and the
-    first row's frames their frame indices, so a grid read alone says what each tile is."""
+    With `labels` (one per video: task, prompt, seed) a strip of frame indices tops the grid and each
+    row gets a caption strip above it, so a grid read alone says what each tile is."""
     from PIL import Image, ImageDraw
 
     rows, indices = [], []
@@ -153,15 +153,14 @@ def frame_grid(videos: list[torch.Tensor], max_cols: int = 8, labels: list[str] 
     if labels is None:
         return np.concatenate(rows, axis=0)
     strip = 14  # px: one line of PIL's default bitmap font
-    parts = []
-    for k, (row, label) in enumerate(zip(rows, labels, strict=True)):
+    top = Image.new("RGB", (width, strip), (16, 16, 16))
+    idx, w = indices[0]
+    for j, f in enumerate(idx):
+        ImageDraw.Draw(top).text((j * w + 2, 1), f"frame {f}", fill=(250, 200, 60))
+    parts = [np.asarray(top)]
+    for row, label in zip(rows, labels, strict=True):
         head = Image.new("RGB", (width, strip), (16, 16, 16))
-        draw = ImageDraw.Draw(head)
-        draw.text((2, 1), label[: width // 6], fill=(235, 235, 235))  # ~6 px per glyph: clip to the row
-        if k == 0:
-            idx, w = indices[0]
-            for j, f in enumerate(idx):
-                draw.text((j * w + w - 6 * len(str(f)) - 2, 1), str(f), fill=(250, 200, 60))  # frame index
+        ImageDraw.Draw(head).text((2, 1), label[: width // 6], fill=(235, 235, 235))  # ~6 px a glyph
         parts += [np.asarray(head), row]
     return np.concatenate(parts, axis=0)
 

@@ -115,12 +115,16 @@ def test_grid_rows_say_task_seed_prompt_and_frames():
                       "i2v_00 | seed 3002 | it rolls"]
     videos = [torch.zeros(9, 32, 48, 3, dtype=torch.uint8) for _ in labels]
     plain, captioned = frame_grid(videos), frame_grid(videos, labels=labels)
-    assert plain.shape == (3 * 32, 8 * 48, 3) and captioned.shape == (3 * (32 + 14), 8 * 48, 3)
-    strips = [captioned[k * 46:k * 46 + 14] for k in range(3)]
+    assert plain.shape == (3 * 32, 8 * 48, 3) and captioned.shape == (14 + 3 * (32 + 14), 8 * 48, 3)
+    index, strips = captioned[:14], [captioned[14 + k * 46:14 + k * 46 + 14] for k in range(3)]
     assert all((s > 100).any() for s in strips)  # text drawn in every caption strip
     assert not np.array_equal(strips[0], strips[1])  # each row its own caption
-    yellow = (strips[0][..., 0] > 200) & (strips[0][..., 2] < 120)  # frame indices, first row only
-    assert yellow.any() and not ((strips[1][..., 0] > 200) & (strips[1][..., 2] < 120)).any()
+    def yellow(a):
+        return (a[..., 0] > 200) & (a[..., 2] < 120)
+
+    # frame indices: in the top strip, one per column (tiles 48 px wide), and in no caption
+    assert all(yellow(index[:, j * 48:(j + 1) * 48]).any() for j in range(8))
+    assert not any(yellow(s).any() for s in strips)
 
 
 @pytest.mark.parametrize("training", [True, False])
