@@ -333,10 +333,10 @@ class Trainer:
         self.repa_on = stage.repa and self.teacher is not None
         kw = {}
         if getattr(self.data, "takes_stage_hints", False):  # ShardSource: prefetch across the next boundary
-            end = min(self.curriculum.ends[idx], self.total_steps)  # train.steps may end the run mid-curriculum
-            last = idx + 1 == len(self.curriculum.stages)  # the last stage runs on to train.steps
-            end = self.total_steps if last else end
-            nxt = None if last or end >= self.total_steps else self.curriculum.stages[idx + 1]
+            # the last stage runs on to train.steps, which may also end the run mid-curriculum
+            last = idx + 1 == len(self.curriculum.stages)
+            end = self.total_steps if last else min(self.curriculum.ends[idx], self.total_steps)
+            nxt = self.curriculum.stages[idx + 1] if end < self.total_steps else None
             kw = {"steps": end - step + 1,
                   "upcoming": None if nxt is None else (nxt, nxt.repa and self.teacher is not None)}
         self.data.set_stage(stage, teacher=self.repa_on, **kw)

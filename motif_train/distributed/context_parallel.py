@@ -119,10 +119,10 @@ def cp_disabled(model: nn.Module):
     """Run the model unsplit for a while (validation sampling: each rank samples its own prompt over
     the whole sequence; FSDP still gathers parameters in lockstep), then restore the split."""
     cp = getattr(model, "cp", None)
-    attns = [m for m in model.modules() if hasattr(m, "cp_ctx_sharded")]
     if cp is None:
         yield
         return
+    attns = [m for m in model.modules() if hasattr(m, "cp_ctx_sharded")]
     model.cp = None
     for m in attns:
         m.cp = None

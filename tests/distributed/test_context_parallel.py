@@ -27,17 +27,13 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     from motif_train.distributed.context_parallel import CPGroup, apply_cp
     from motif_train.models import MotifDiTConfig, RoutingConfig, build_model
     from motif_train.models.config import load_model_config
-    from tests.unit._model_utils import inputs
+    from tests.unit._model_utils import inputs, randomized
 
     results = {}
     cfg0 = load_model_config("tiny")
     for name, (start, end) in ROUTES.items():
         cfg = MotifDiTConfig(**{**cfg0.to_dict(), "routing": RoutingConfig(start, end, 0.5).__dict__})
-        torch.manual_seed(0)
-        ref = build_model(cfg)
-        with torch.no_grad():
-            for p in ref.parameters():
-                p.normal_(0, 0.2)
+        ref = randomized(cfg)  # seed 0, N(0, 0.2)
         sharded = build_model(cfg)
         sharded.load_state_dict(ref.state_dict())
         apply_cp(sharded, dist.group.WORLD)
@@ -83,11 +79,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
     cfg = MotifDiTConfig(**{**cfg0.to_dict(), "routing": RoutingConfig(1, 3, 0.5).__dict__})
     for ac in ("full", "selective"):
-        torch.manual_seed(0)
-        m = build_model(cfg)
-        with torch.no_grad():
-            for p in m.parameters():
-                p.normal_(0, 0.2)
+        m = randomized(cfg)
         ref_g = None
         if ac == "full":
             ref = build_model(cfg)

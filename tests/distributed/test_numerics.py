@@ -57,14 +57,11 @@ def _worker(rank: int, world: int, init_file: str, result_dir: str) -> None:
     from motif_train.distributed.mesh import DistInfo, build_mesh
     from motif_train.models import build_model, load_model_config
     from motif_train.models.convert import drop_tied_duplicates
+    from tests.unit._model_utils import randomized
 
     info = DistInfo(rank, world, rank, world, torch.device("cpu"))
     cfg = load_model_config("tiny")
-    torch.manual_seed(0)
-    ref = build_model(cfg).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.normal_(0, 0.2)
+    ref = randomized(cfg).eval()  # seed 0, N(0, 0.2)
     g = torch.Generator().manual_seed(1)
     kw = dict(hidden_states=torch.randn(2, 33, 3, 8, 12, generator=g), timestep=torch.tensor(TIMESTEPS),
               encoder_hidden_states=torch.randn(2, 7, cfg.text_embed_dim, generator=g),

@@ -30,6 +30,7 @@ def _worker(rank: int, world: int, init_file: str, root: str) -> None:
     from motif_train.distributed.mesh import DistInfo, build_mesh
     from motif_train.models import build_model, load_model_config
     from motif_train.models.convert import drop_tied_duplicates
+    from tests.unit._model_utils import randomized
 
     root = Path(root)
     log = {"loads": [], "sampled": [], "forwards": 0, "recv_from": [], "sent": 0}
@@ -64,11 +65,7 @@ def _worker(rank: int, world: int, init_file: str, root: str) -> None:
                               frames=5, height=32, width=48, steps=2, seed=3)
     info = DistInfo(rank, world, rank, world, torch.device("cpu"))
     mcfg = load_model_config("tiny")
-    torch.manual_seed(0)
-    ref = build_model(mcfg).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.normal_(0, 0.2)
+    ref = randomized(mcfg).eval()  # seed 0, N(0, 0.2)
     run_dir = root / "run"
     out = {}
     for case, pcfg in (("fsdp", ParallelConfig()), ("hsdp_3x1", ParallelConfig(dp_replicate=3, dp_shard=1))):
