@@ -156,13 +156,20 @@ def _mark(t: torch.Tensor | None, dims: tuple[int, ...], contiguous: bool = True
 
 
 def _mark_masks(mask, dynamic: bool):
-    """`KeyMasks` fields: tensors (sdpa's (B, 1, 1, S) bias, varlen's (B,) lengths) get their batch /
-    key dims marked; they are not made contiguous (the bias is a 16-aligned view on purpose). A
-    FlexAttention BlockMask passes as it is (its shapes follow the bucket: static)."""
+    """`KeyMasks` fields: tensors (sdpa's (B, 1, 1, S) bias, varlen's (B*S,) / (B+1,) `VarlenKeys`) get
+    their batch / key dims marked; they are not made contiguous (the bias is a 16-aligned view on
+    purpose). A FlexAttention BlockMask passes as it is (its shapes follow the bucket: static)."""
     if mask is None or not dynamic:
         return mask
-    return type(mask)(*(_mark(m, (0, -1) if m.dim() > 1 else (0,), contiguous=False)
-                        if isinstance(m, torch.Tensor) else m for m in mask))
+
+    def mark(m):
+        if isinstance(m, torch.Tensor):
+            return _mark(m, (0, -1) if m.dim() > 1 else (0,), contiguous=False)
+        if isinstance(m, tuple) and hasattr(m, "_fields"):  # VarlenKeys
+            return type(m)(*(mark(t) for t in m))
+        return m
+
+    return mark(mask)
 
 
 def _block_forward(self, x, ctx, temb, mask, rope, img_len=0):

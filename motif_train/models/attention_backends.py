@@ -14,9 +14,13 @@ ONCE per forward and sequence layout (full / TREAD-routed), never per attention 
             partial text block per sample runs the mask_mod, wholly padded blocks are skipped.
             Compiled on CUDA (eager flex materialises the scores); on CPU it is a forward-only
             reference (no backward there), used by the tests.
-    varlen  `torch.nn.attention.varlen.varlen_attn` with `seqused_k`: the flash kernel reads only
-            the first `seqused_k[b]` keys of each sample, in the padded (B*S, H, Dh) layout; CUDA
-            only. `flash_impl` (FA3 / FA4) replaces the flash kernel used here as well.
+    varlen  `torch.nn.attention.varlen.varlen_attn` over packed keys (`VarlenKeys`): each sample's
+            visible keys are gathered to the front of a (B*Sk, H, Dh) buffer, `cu_seq_k` = their
+            running count; queries keep their (B*Sq) layout. The buffer keeps its static size (no
+            data-dependent shape, no host read), and rows past the last segment are zeroed going in,
+            so whatever the kernel leaves in their gradient never reaches a parameter. Trains
+            (`seqused_k`, which would avoid the gather, is inference-only in torch 2.13). CUDA only;
+            `flash_impl` (FA3 / FA4) replaces the flash kernel used here as well.
 
 Every backend returns the same numbers (tests/unit/test_attention_backends.py, fp32/fp64 on
 CPU); they differ in speed and in what a compiled graph sees.
@@ -34,6 +38,19 @@ ATTENTION_BACKENDS = ("sdpa", "flex", "varlen")
 FLASH_IMPLS = {"fa3": ("FA3", "flash_attn_3 (FlashAttention-3's hopper build: flash_attn_interface)"),
                "fa4": ("FA4", "flash-attn-4 (pip install flash-attn-4; Hopper / Blackwell)")}
 FLEX_BLOCK = 128  # FlexAttention's default tile: the unit its BlockMask counts in
+
+
+class VarlenKeys(NamedTuple):
+    """varlen's key padding for one layout of B samples x Sk keys (built once per forward).
+
+    index: (B*Sk,) int64 rows of the flattened keys, each sample's visible keys first, in order.
+    valid: (B*Sk,) bool, True for the packed rows [0, cu_k[-1]) that belong to some sample.
+    cu_k: (B+1,) int32 offsets of each sample's visible keys in the packed buffer.
+    """
+
+    index: torch.Tensor
+    valid: torch.Tensor
+    cu_k: torch.Tensor
 
 
 class KeyMasks(NamedTuple):
@@ -94,6 +111,16 @@ def _sdpa_bias(key_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return bias[..., :s]
 
 
+def varlen_keys(key_mask: torch.Tensor) -> VarlenKeys:
+    """(B, Sk) bool key mask -> `VarlenKeys`, on the mask's device, without a host read."""
+    flat = key_mask.reshape(-1)  # (B*Sk,)
+    index = torch.sort((~flat).to(torch.int8), stable=True).indices  # visible rows first, in order
+    counts = key_mask.sum(-1, dtype=torch.int32)  # (B,)
+    cu_k = F.pad(torch.cumsum(counts, 0, dtype=torch.int32), (1, 0))  # (B+1,)
+    valid = torch.arange(flat.shape[0], device=key_mask.device) < cu_k[-1]
+    return VarlenKeys(index, valid, cu_k)
+
+
 def prefix_block_mask(key_mask: torch.Tensor, q_len: int, block: int = FLEX_BLOCK):
     """(B, Sk) bool key mask -> FlexAttention `BlockMask` for Sq = `q_len` queries, O(B * blocks).
 
@@ -146,9 +173,7 @@ def build_key_masks(backend: str, text_mask: torch.Tensor | None, n_video: int, 
         return KeyMasks(_sdpa_bias(joint, dtype), _sdpa_bias(text_mask, dtype))
     if backend == "flex":
         return KeyMasks(prefix_block_mask(joint, joint.shape[1]), prefix_block_mask(text_mask, n_query or n_video))
-    # varlen: text is padded at the end only (pad_text, text dropout), so visible keys are a prefix
-    joint_used = (text_mask.sum(-1) + n_video + n_image).to(torch.int32)  # (B,)
-    return KeyMasks(joint_used, text_mask.sum(-1).to(torch.int32))
+    return KeyMasks(varlen_keys(joint), varlen_keys(text_mask))
 
 
 # --------------------------------------------------------------------------- kernels
@@ -170,16 +195,31 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torc
     return fn(q, k, v, block_mask=block_mask)
 
 
-def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, used: torch.Tensor | None) -> torch.Tensor:
-    """(B, H, S, Dh) -> (B, H, Sq, Dh) through the padded varlen layout (cu_seq = multiples of S)."""
+def _varlen_attn(*args, **kwargs):
     from torch.nn.attention.varlen import varlen_attn
 
+    return varlen_attn(*args, **kwargs)
+
+
+# The varlen kernel: torch's flash `varlen_attn` (CUDA). `kernel_reference.cpu_reference_kernels`
+# swaps in a per-segment CPU reference with the same contract for the tests.
+varlen_kernel = _varlen_attn
+
+
+def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: VarlenKeys | None) -> torch.Tensor:
+    """(B, H, S, Dh) -> (B, H, Sq, Dh): one varlen segment per sample, its visible keys packed."""
     b, h, sq, dh = q.shape
     sk = k.shape[2]
-    flat = [t.transpose(1, 2).reshape(b * t.shape[2], h, dh) for t in (q, k, v)]  # (B*S, H, Dh)
+    q, k, v = (t.transpose(1, 2).reshape(b * t.shape[2], h, dh) for t in (q, k, v))  # (B*S, H, Dh)
     cu_q = torch.arange(0, (b + 1) * sq, sq, dtype=torch.int32, device=q.device)
-    cu_k = torch.arange(0, (b + 1) * sk, sk, dtype=torch.int32, device=q.device)
-    out = varlen_attn(*flat, cu_q, cu_k, sq, sk, seqused_k=used)  # (B*Sq, H, Dh)
+    if keys is None:  # nothing padded: every sample's keys are its own segment already
+        cu_k = torch.arange(0, (b + 1) * sk, sk, dtype=torch.int32, device=q.device)
+    else:
+        cu_k = keys.cu_k
+        # The tail rows [cu_k[-1], B*Sk) lie in no segment: zeroed, so their gradient (never written
+        # by the kernel) is dropped by `where`'s backward instead of flowing into to_k / to_v.
+        k, v = (t.index_select(0, keys.index).where(keys.valid[:, None, None], 0) for t in (k, v))
+    out = varlen_kernel(q, k, v, cu_q, cu_k, sq, sk)  # (B*Sq, H, Dh)
     return out.view(b, sq, h, dh).transpose(1, 2)
 
 

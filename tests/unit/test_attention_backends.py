@@ -18,13 +18,29 @@ from motif_train.models.attention_backends import (
     check_backend,
     prefix_block_mask,
 )
+from motif_train.models.kernel_reference import cpu_reference_kernels, varlen_reference
 from motif_train.objectives.objective import DiffusionObjective, ObjectiveConfig
 
 from ._model_utils import inputs, randomized, tiny
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
-CPU_BACKENDS = ("sdpa", "flex")  # varlen is flash, CUDA only (tested to fail clearly below)
+# flex and varlen train only on CUDA (refused on CPU, tested below); their math runs here through the
+# CPU references with the kernels' contracts (models/kernel_reference.py): flex's higher-order op in
+# its dense form, varlen per packed segment with NaN where the kernel leaves gradient rows unwritten.
+BACKENDS = ("sdpa", "flex", "varlen")
+
+
+@pytest.fixture(autouse=True)
+def _reference_kernels():
+    with cpu_reference_kernels():
+        yield
+
+
+def _grads(out, params):
+    """d(out . w)/d params for a fixed pseudo-random cotangent w (every output element matters)."""
+    w = torch.sin(torch.arange(out.numel(), dtype=out.dtype)).view_as(out)
+    return torch.autograd.grad((out * w).sum(), params, retain_graph=True, allow_unused=True)
 
 
 def _per_sample(q, k, v, used):
@@ -37,20 +53,71 @@ def _per_sample(q, k, v, used):
     return torch.cat(outs)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_key_masks_equal_attention_over_real_keys(backend):
+    """Forward and backward equal attention over each sample's real keys (fp64), for the joint keys
+    [video | image | text] and the cross-attention's text-only keys; padded keys get zero gradient
+    (varlen: the packed buffer's unused tail never leaks the kernel's unwritten rows)."""
     # 300 video + 5 image keys, text of width 70 with 70 / 3 / 40 real tokens: joint keys span
     # three 128-blocks, so the flex mask has full, partial and skipped blocks.
     torch.manual_seed(0)
     n, i, t, lens = 300, 5, 70, (70, 3, 40)
     text_mask = torch.arange(t)[None] < torch.tensor(lens)[:, None]  # (B, T)
-    q, k, v = (torch.randn(3, n + i + t, 2, 16, dtype=torch.float64) for _ in range(3))
+    q, k, v = (torch.randn(3, n + i + t, 2, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
     masks = build_key_masks(backend, text_mask, n, i, torch.float64)
     joint = attend(q, k, v, masks.joint, backend)  # (B, N+I+T, H*Dh)
-    torch.testing.assert_close(joint, _per_sample(q, k, v, [n + i + m for m in lens]), rtol=0, atol=1e-12)
+    ref = _per_sample(q, k, v, [n + i + m for m in lens])
+    torch.testing.assert_close(joint, ref, rtol=0, atol=1e-12)
+    for got, want in zip(_grads(joint, (q, k, v)), _grads(ref, (q, k, v)), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    dk = _grads(joint, (k,))[0]
+    assert (dk[1, n + i + 3:] == 0).all() and dk[1, :n + i + 3].abs().sum() > 0
     qc, kc, vc = q[:, :n], k[:, n + i:], v[:, n + i:]
     cross = attend(qc, kc, vc, masks.cross, backend)  # (B, N, H*Dh)
-    torch.testing.assert_close(cross, _per_sample(qc, kc, vc, lens), rtol=0, atol=1e-12)
+    ref = _per_sample(qc, kc, vc, lens)
+    torch.testing.assert_close(cross, ref, rtol=0, atol=1e-12)
+    for got, want in zip(_grads(cross, (q, k, v)), _grads(ref, (q, k, v)), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_varlen_packs_visible_keys_with_real_offsets():
+    """Keys of 3 samples x 6 with 6 / 2 / 4 visible: packed rows are each sample's visible keys in
+    order, cu_seq_k = [0, 6, 8, 12], the 6 tail rows are marked unused; and the reference kernel
+    does leave NaN in their gradient, which is what the packing's zeroing guards against."""
+    key_mask = torch.arange(6)[None] < torch.tensor([6, 2, 4])[:, None]
+    keys = build_key_masks("varlen", key_mask, 0, 0, torch.float32).cross
+    assert keys.cu_k.tolist() == [0, 6, 8, 12] and keys.cu_k.dtype == torch.int32
+    assert keys.index[:12].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 12, 13, 14, 15]
+    assert keys.valid.tolist() == [True] * 12 + [False] * 6
+    q, k, v = (torch.randn(18, 1, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    cu = torch.tensor([0, 6, 12, 18], dtype=torch.int32)
+    out = varlen_reference(q, k, v, cu, keys.cu_k, 6, 6)
+    dk = torch.autograd.grad(out.sum(), k)[0]
+    assert torch.isnan(dk[12:]).all() and not torch.isnan(dk[:12]).any()
+    with pytest.raises(ValueError, match="above max_q=6 / max_k=3"):
+        varlen_reference(q, k, v, cu, keys.cu_k, 6, 3)
+
+
+def test_varlen_trains_where_seqused_k_cannot():
+    """The real `varlen_attn` op (its fake kernel, under FakeTensorMode) refuses `seqused_k` in
+    training; the packed layout this backend passes instead traces forward and backward."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.nn.attention.varlen import varlen_attn
+
+    from motif_train.models import attention_backends
+
+    with cpu_reference_kernels(varlen=False), FakeTensorMode():
+        assert attention_backends.varlen_kernel is not varlen_reference
+        q, k, v = (torch.randn(2, 40, 2, 16, requires_grad=True) for _ in range(3))
+        text_mask = torch.ones(2, 8, dtype=torch.bool)
+        with pytest.raises(RuntimeError, match="seqused_k is an inference-only parameter"):
+            cu = torch.tensor([0, 40, 80], dtype=torch.int32)
+            varlen_attn(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, 40, 40,
+                        seqused_k=torch.tensor([35, 40], dtype=torch.int32))
+        masks = build_key_masks("varlen", text_mask, 30, 2, torch.float32)
+        out = attend(q, k, v, masks.joint, "varlen")  # (B, S, H*Dh)
+        out.sum().backward()
+        assert out.shape == (2, 40, 32) and k.grad.shape == k.shape
 
 
 def test_block_mask_lists_full_and_partial_blocks():
@@ -76,25 +143,34 @@ def test_sdpa_mask_is_additive_and_16_aligned():
 
 @pytest.mark.parametrize("routing", [None, RoutingConfig(1, 3, 0.5)])
 def test_model_backends_equal_and_padding_never_leaks(tiny_cfg, routing):
-    """The full tiny model (dual, single + Shared Cross-Attention, DDT decoder, TREAD, image tokens):
-    sdpa and flex give the same output, and each padded sample equals that sample run alone on its
-    real caption without any mask. (Forward only: FlexAttention has no backward on CPU; the GPU
-    check in scripts/bench_train.py compares gradients.)"""
+    """The full tiny model (dual, single + Shared Cross-Attention, DDT decoder, TREAD, I2V image
+    tokens, padded text) in fp64: flex and varlen give sdpa's output and every parameter's gradient,
+    and each padded sample equals that sample run alone on its real caption without any mask."""
     cfg = tiny(tiny_cfg, routing=routing) if routing else tiny_cfg
     kw = inputs(cfg, mask=True, image=True)  # sample 0 has 3 of 7 text tokens, sample 1 all 7
+    kw = {k: v.double() if v.is_floating_point() else v for k, v in kw.items()}
     ids = torch.stack([torch.randperm(72, generator=torch.Generator().manual_seed(b))[:36].sort().values
                        for b in range(2)]) if routing else None
-    outs = {}
+    outs, grads = {}, {}
+    for backend in BACKENDS:
+        m = randomized(tiny(cfg, attention_backend=backend)).double().train()
+        outs[backend] = m(**kw, keep_ids=ids).sample
+        names, params = zip(*m.named_parameters(), strict=True)
+        grads[backend] = dict(zip(names, _grads(outs[backend], params), strict=True))
     with torch.no_grad():
-        for backend in CPU_BACKENDS:
-            m = randomized(tiny(cfg, attention_backend=backend)).train()
-            outs[backend] = m(**kw, keep_ids=ids).sample
         real = int(kw["encoder_attention_mask"][0].sum())
         alone = {k: v[:1] for k, v in kw.items() if k != "encoder_attention_mask"}
         alone["encoder_hidden_states"] = alone["encoder_hidden_states"][:, :real]
-        solo = randomized(cfg).train()(**alone, keep_ids=None if ids is None else ids[:1]).sample
-    torch.testing.assert_close(outs["flex"], outs["sdpa"], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(outs["sdpa"][:1], solo, rtol=1e-5, atol=1e-5)
+        solo = randomized(cfg).double().train()(**alone, keep_ids=None if ids is None else ids[:1]).sample
+    for backend in ("flex", "varlen"):
+        torch.testing.assert_close(outs[backend], outs["sdpa"], rtol=0, atol=1e-10)
+        for name, g in grads["sdpa"].items():  # None: a parameter the output does not use (REPA head)
+            assert (g is None) == (grads[backend][name] is None), name
+            if g is not None:
+                torch.testing.assert_close(grads[backend][name], g, rtol=1e-9, atol=1e-9,
+                                           msg=f"{backend}: {name}")
+    assert grads["sdpa"]["image_embedder.linear_1.weight"].abs().sum() > 0  # the I2V tokens were trained
+    torch.testing.assert_close(outs["sdpa"][:1], solo, rtol=0, atol=1e-10)
     assert not torch.allclose(outs["sdpa"][1:], solo)  # sample 1's caption is longer: a real difference
 
 
