@@ -16,9 +16,10 @@ from motif_train.checkpoint import CheckpointConfig
 from motif_train.data.curriculum import CurriculumConfig, validate_stage
 from motif_train.data.synthetic import SyntheticDataConfig
 from motif_train.distributed.context_parallel import check_cp_degree
-from motif_train.distributed.mesh import ParallelConfig
+from motif_train.distributed.mesh import ParallelConfig, run_device_type
 from motif_train.ema import EMAConfig
 from motif_train.metrics import LoggerConfig
+from motif_train.models.attention_backends import check_backend
 from motif_train.models.config import MotifDiTConfig, RoutingConfig
 from motif_train.models.flops import latent_shape, num_video_tokens
 from motif_train.models.lora import LoraConfig
@@ -185,6 +186,10 @@ def validate(cfg: TrainConfig, *, world_size: int, local_world_size: int | None 
         SyntheticDataConfig(**keys)  # its __post_init__ checks the data.* sizes
     check_lora(cfg)
     dit = cfg.model.dit_config()
+    # The attention kernel this device can train with, before any work (the dry run builds on a CPU for a
+    # GPU run: its device is not the run's).
+    if not t.dry_run:
+        check_backend(dit.attention_backend, dit.flash_impl, run_device_type(t.device))
     any_repa = False
     planned = uses_shards(cfg)
     for i, stage in enumerate(cfg.curriculum.stages):

@@ -18,6 +18,9 @@ AC_MODES = ("none", "full", "every_k", "selective")
 H200_GIB = 140.4
 
 
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+
+
 @dataclass
 class ParallelConfig:
     """Data-parallel layout and precision.
@@ -39,6 +42,9 @@ class ParallelConfig:
     ac_every: int = 2
     compile: bool | None = None  # None: on for GPU, off for CPU
     compile_dynamic: bool | None = None  # None: batch/sequence dims dynamic; False: static; True: all dims
+    # torch.compile backend of the blocks: inductor (GPU kernels); aot_eager traces the same forward and
+    # backward graphs and runs them eagerly (the CPU contract suite, or bisecting an inductor bug)
+    compile_backend: str = "inductor"
     backend: str = "auto"  # auto: nccl on GPU, gloo on CPU
     timeout_min: int = 30
     init_timeout_min: int = 5  # minutes start-up waits for every rank to join; training then gets timeout_min
@@ -51,6 +57,9 @@ class ParallelConfig:
         if self.ac not in AC_MODES:
             raise ValueError(f"parallel.ac={self.ac!r}: use one of {', '.join(AC_MODES)} (selective: save the "
                              "attention outputs, recompute the rest of each block)")
+        if self.compile_backend not in COMPILE_BACKENDS:
+            raise ValueError(f"parallel.compile_backend={self.compile_backend!r}: use one of "
+                             f"{', '.join(COMPILE_BACKENDS)}")
         if self.ac_every < 1:
             raise ValueError(f"parallel.ac_every={self.ac_every} must be >= 1")
         for key in ("param_dtype", "reduce_dtype"):
@@ -154,6 +163,12 @@ def flight_recorder_env(run_dir: str | os.PathLike, environ=os.environ) -> dict[
     return {names[0]: value for names, value in wanted.items() if not any(n in environ for n in names)}
 
 
+def run_device_type(device: str = "auto") -> str:
+    """`train.device` as the device type a run gets: "cuda" or "cpu" (auto: CUDA when present)."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    return "cuda" if use_cuda else "cpu"
+
+
 def init_distributed(backend: str = "auto", timeout_min: int = 30, device: str = "auto", *,
                      init_timeout_min: int = 5, run_dir: str | os.PathLike | None = None) -> DistInfo:
     """Initialise the default process group from torchrun's env, or a 1-rank group without it.
@@ -165,7 +180,7 @@ def init_distributed(backend: str = "auto", timeout_min: int = 30, device: str =
     (`parallel.timeout_min`) for training. With NCCL and a `run_dir`, the flight recorder is pointed
     at <run_dir>/flight_recorder/ first (`flight_recorder_env`).
     """
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    use_cuda = run_device_type(device) == "cuda"
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:

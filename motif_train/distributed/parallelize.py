@@ -247,9 +247,9 @@ def parallelize_model(model: nn.Module, cfg: ParallelConfig, mesh: DeviceMesh, d
     """
     compile_on = cfg.compile if cfg.compile is not None else device.type == "cuda"
     if compile_on:
-        apply_compile(model, dynamic=cfg.compile_dynamic)
+        apply_compile(model, dynamic=cfg.compile_dynamic, backend=cfg.compile_backend)
     n_ac = apply_ac(model, cfg.ac, cfg.ac_every)
     mp = mp or mixed_precision(cfg, device)
     apply_fsdp(model, mesh, mp, reshard_after_forward=cfg.reshard_after_forward)
-    return {"ac": cfg.ac, "ac_blocks": n_ac, "compile": compile_on, "param_dtype": str(mp.param_dtype),
-            "reduce_dtype": str(mp.reduce_dtype), "mesh": tuple(mesh.shape)}
+    return {"ac": cfg.ac, "ac_blocks": n_ac, "compile": compile_on, "compile_backend": cfg.compile_backend,
+            "param_dtype": str(mp.param_dtype), "reduce_dtype": str(mp.reduce_dtype), "mesh": tuple(mesh.shape)}

@@ -70,6 +70,10 @@ def check_backend(backend: str, flash_impl: str | None, device: torch.device | s
         raise ValueError(f"model.attention_backend={backend!r}: use one of {', '.join(ATTENTION_BACKENDS)}")
     if flash_impl is not None and flash_impl not in FLASH_IMPLS:
         raise ValueError(f"model.flash_impl={flash_impl!r}: use null, {' or '.join(FLASH_IMPLS)}")
+    if backend == "flex" and flash_impl is not None:
+        raise ValueError(f"model.flash_impl={flash_impl} with model.attention_backend=flex: flash_impl replaces the "
+                         "flash kernel of sdpa and varlen, FlexAttention runs its own, so it would do nothing; set "
+                         "model.flash_impl=null or model.attention_backend=sdpa|varlen")
     if device is None:
         return
     dev = torch.device(device)
