@@ -268,3 +268,12 @@ def test_bad_backends_fail_clearly(tiny_cfg):
     except ImportError:
         with pytest.raises(RuntimeError, match=r"model.flash_impl=fa4 needs flash-attn-4"):
             activate_flash_impl("fa4")
+    try:
+        import flash_attn_interface  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match=r"model.flash_impl=fa3 needs flash_attn_3"):
+            activate_flash_impl("fa3")
+    with pytest.raises(ValueError, match=r"flash_impl=fa3 with model.attention_backend=flex"):
+        check_backend("flex", "fa3", "cuda")
+    check_backend("varlen", "fa4", "cuda")  # a GPU run may pick any kernel for sdpa / varlen
+    check_backend("sdpa", "fa3", "cuda")
