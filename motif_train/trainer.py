@@ -33,7 +33,7 @@ from motif_train.distributed.mesh import build_cp_group, gather_lists
 from motif_train.ema import EMA, clean_name
 from motif_train.guard import DivergedError, resume_hint, weight_stats, weights_problem
 from motif_train.metrics import MetricsLogger, Profiler
-from motif_train.models import MotifDiT, RoutingConfig
+from motif_train.models import MotifDiT, RoutingConfig, apply_repa_freeze
 from motif_train.models.attention_backends import activate_flash_impl, check_backend
 from motif_train.models.convert import (
     Release,
@@ -45,6 +45,7 @@ from motif_train.models.convert import (
 from motif_train.models.lora import apply_lora, base_state_keys, checkpoint_state, init_lora_weights, is_lora
 from motif_train.models.lora import summary as lora_summary
 from motif_train.objectives import DiffusionObjective, ObjectiveConfig, ObjectiveOutput, total_loss
+from motif_train.objectives.repa import repa_stages
 from motif_train.optim import build_lr_scheduler, build_optimizer
 from motif_train.step_stats import StepClock, StepLog, batch_video_tokens, control_reduce, micro_flops
 from motif_train.utils import stable_seed
@@ -70,6 +71,10 @@ class Trainer:
         self.dp_size = self.dist.world_size // cfg.parallel.cp
         self.curriculum = Curriculum(cfg.curriculum)
         self.total_steps = cfg.train.steps or self.curriculum.total_steps
+        # REPA runs at some step of the run (a stage with repa, weight > 0, before until_step): else neither the
+        # teacher is loaded nor the REPA head trained (frozen: out of the optimizer, the EMA, a LoRA checkpoint)
+        self.repa_used = cfg.model.repa.block is not None and any(
+            repa_stages(cfg.curriculum.stages, cfg.objective.repa, self.total_steps))
         self.teacher = self.build_teacher()
         self.model, self.parallel_info = self.build_model()
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
@@ -80,6 +85,7 @@ class Trainer:
                                 image_dim=self.model.config.image_embed_dim, seed=cfg.train.seed,
                                 dp_rank=self.dp_rank, dp_size=self.dp_size,
                                 grad_accum=cfg.train.grad_accum)
+        self.check_image_tokens()  # before any step: every rank refuses the same dataset alike
         self.empty_text = self.empty_prompt() if cfg.objective.conditioning.text_dropout > 0 else None
         if cfg.objective.conditioning.text_dropout > 0 and self.empty_text is None:
             raise ValueError("objective.conditioning.text_dropout > 0 but neither the data (empty_prompt.npy) nor "
@@ -112,6 +118,9 @@ class Trainer:
                                  ranks=cfg.profile.ranks)
         self.metrics.log_event(self.step, "start", world_size=self.dist.world_size, total_steps=self.total_steps,
                                resumed_from=str(resumed) if resumed else "none", **self.parallel_info)
+        if self.frozen_repa:
+            self.metrics.log_event(self.step, "REPA head frozen: no step of the run uses REPA (stage repa, "
+                                   f"objective.repa.weight / until_step); {len(self.frozen_repa)} tensors not trained")
         notes = list(getattr(self.data, "startup_notes", []))
         if notes:
             self.metrics.log_event(self.step, "data: " + "; ".join(notes), notes=notes)
@@ -128,7 +137,7 @@ class Trainer:
         if enc.build_tiny and self.dist.is_main and not (root / "teacher").exists():
             build_tiny_encoders(root, seed=self.cfg.train.seed)
         dist.barrier()
-        if not (any(s.repa for s in self.cfg.curriculum.stages) and self.cfg.objective.repa.weight > 0):
+        if not self.repa_used:
             return None
         teacher = VJEPA2Teacher.from_pretrained(root / "teacher", device=self.device)
         if teacher.hidden_size != self.cfg.model.repa.teacher_dim:
@@ -163,6 +172,7 @@ class Trainer:
             model = MotifDiT(config)
         if spec.lora.enabled:  # adapters first: compile / AC / FSDP2 wrap and shard them with their base
             apply_lora(model, spec.lora)
+        self.frozen_repa = apply_repa_freeze(model, used=self.repa_used)  # the dry run does the same
         info = parallelize_model(model, self.cfg.parallel, self.mesh, self.device)
         cp = apply_cp(model, self.cp_group)
         info["cp"] = cp.size if cp is not None else 1  # ranks the model's sequence is really split over
@@ -193,6 +203,26 @@ class Trainer:
             raise ValueError(f"model.init_from={folder}: weights do not fit model.* (missing {sorted(missing)[:6]}, "
                              f"unexpected {sorted(unexpected)[:6]}); is the model preset the checkpoint's config?")
         set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+
+    def stage_i2v_prob(self, stage) -> float:
+        return float(stage.i2v_prob if stage.i2v_prob is not None else self.cfg.objective.conditioning.i2v_prob)
+
+    def check_image_tokens(self) -> None:
+        """Refuse, at start-up, a run whose I2V steps would meet video samples without SigLIP tokens: the task of
+        a step is the same on every rank (objectives/conditioning.choose_task), so a rank without them cannot
+        fall back to T2V (its graph would differ from the others'). Stages with i2v_prob 0 need none."""
+        stages, start = [], 1
+        for i, st in enumerate(self.curriculum.stages):
+            if start <= self.total_steps:  # a stage the run reaches
+                stages.append((f"curriculum stage {i} ({st.name!r})", f"curriculum.stages[{i}].i2v_prob",
+                               self.stage_i2v_prob(st), st))
+            start += st.steps
+        video = [(label, key) for label, key, p, st in stages if p > 0 and any(b[0] > 1 for b in st.buckets)]
+        if video and self.model.config.image_embed_dim is None:
+            raise ValueError(f"{video[0][0]} trains I2V but model.image_embed_dim is null (no image embedder): set "
+                             f"{' / '.join(k for _, k in video)}=0 (or objective.conditioning.i2v_prob=0)")
+        if hasattr(self.data, "check_image_tokens"):
+            self.data.check_image_tokens(stages)
 
     # ---- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -328,8 +358,7 @@ class Trainer:
         self.model.set_routing(stage.routing)
         obj = self.objective.config
         obj.flow.shift = stage.shift if stage.shift is not None else self.cfg.objective.flow.shift
-        obj.conditioning.i2v_prob = (stage.i2v_prob if stage.i2v_prob is not None
-                                     else self.cfg.objective.conditioning.i2v_prob)
+        obj.conditioning.i2v_prob = self.stage_i2v_prob(stage)
         self.repa_on = stage.repa and self.teacher is not None
         kw = {}
         if getattr(self.data, "takes_stage_hints", False):  # ShardSource: prefetch across the next boundary

@@ -48,6 +48,7 @@ from motif_train.distributed.mesh import DistInfo, build_mesh
 from motif_train.metrics import DEVICE_PEAK_TFLOPS
 from motif_train.models.config import RoutingConfig
 from motif_train.models.flops import latent_shape, model_flops, num_video_tokens
+from motif_train.objectives.repa import repa_stages
 
 GIB = 2**30
 # MFU of a real 2B training step (81x480x832, TREAD 2..23 r=0.5, AC full, compile, AdamW + EMA, bf16 + fp32
@@ -249,9 +250,16 @@ def stage_buckets(cfg: TrainConfig, stage: StageConfig, dp: int) -> list[dict]:
     return rows
 
 
+def repa_on(cfg: TrainConfig) -> list[bool]:
+    """Per stage, whether REPA runs in it, as the trainer decides (a head, stage repa, weight, until_step)."""
+    steps = cfg.train.steps or sum(s.steps for s in cfg.curriculum.stages)
+    head = cfg.model.repa.block is not None
+    return [head and on for on in repa_stages(cfg.curriculum.stages, cfg.objective.repa, steps)]
+
+
 def teacher_gib(cfg: TrainConfig) -> tuple[float, str]:
     """Resident fp32 bytes of the frozen REPA teacher on every rank (0 when no stage runs REPA)."""
-    if not (any(s.repa for s in cfg.curriculum.stages) and cfg.objective.repa.weight > 0):
+    if not any(repa_on(cfg)):
         return 0.0, "no stage runs REPA"
     folder = Path(cfg.encoders.root) / "teacher" if cfg.encoders.root else None
     if folder is not None and (folder / "config.json").is_file():
@@ -270,7 +278,7 @@ class FakeModel:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         from motif_train.distributed.parallelize import mixed_precision, parallelize_model
-        from motif_train.models import MotifDiT
+        from motif_train.models import MotifDiT, apply_repa_freeze
         from motif_train.optim import build_optimizer
 
         config = cfg.model.dit_config()
@@ -285,6 +293,7 @@ class FakeModel:
             from motif_train.models.lora import apply_lora
 
             apply_lora(self.model, cfg.model.lora)
+        apply_repa_freeze(self.model, used=any(repa_on(cfg)))  # as the trainer: an unused head is not trained
         parallelize_model(self.model, pcfg, mesh, torch.device("cpu"), mp=mixed_precision(pcfg, device))
         self.param_dtype = str(mixed_precision(pcfg, device).param_dtype)
         with self.mode:
@@ -348,13 +357,13 @@ def track_stages(cfg: TrainConfig, fake: FakeModel, dp: int, *, stages: list[int
     ema = fake.local_bytes(4, trainable=True) / GIB if cfg.ema.enabled else 0.0  # LoRA: the adapters only
     teacher, _ = teacher_gib(cfg)
     txt, img = text_tokens(cfg), image_tokens(cfg)
-    out = []
+    out, on = [], repa_on(cfg)
     for i, st in enumerate(cfg.curriculum.stages):
         if stages is not None and i not in stages:
             continue
         rows = stage_buckets(cfg, st, dp)
         worst = max(rows, key=lambda r: r["batch"] * r["tokens"])
-        repa = st.repa and fake.config.repa.block is not None and cfg.objective.repa.weight > 0
+        repa = on[i]
         route = st.routing if st.routing is not None else RoutingConfig(ratio=0.0)
         kinds = ["t2v"] + (["i2v"] if worst["video"] and i2v_share(cfg, st) > 0 else [])
         for kind in kinds:

@@ -78,12 +78,18 @@ def load_checkpoint_model(checkpoint: str | Path, *, weights: str = "ema", confi
         dcp.load({"model": state}, checkpoint_id=str(checkpoint), no_dist=True)
     else:
         params = {clean_name(n): p for n, p in model.named_parameters()}
+        # A run that used no REPA froze its REPA head (models.apply_repa_freeze): no EMA copy, the raw one is it.
+        saved = set(dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata)
+        frozen = {n for n in params if n.startswith("repa_projector.") and f"ema.{n}" not in saved}
         shadow = {n: torch.empty_like(p) for n, p in params.items()}
         try:
-            dcp.load({"ema": shadow}, checkpoint_id=str(checkpoint), no_dist=True)
+            dcp.load({"ema": {n: t for n, t in shadow.items() if n not in frozen}}, checkpoint_id=str(checkpoint),
+                     no_dist=True)
         except Exception as e:  # noqa: BLE001 - name the likely cause
             raise RuntimeError(f"{checkpoint}: no EMA weights ({type(e).__name__}: {e}); the run had "
                                "ema.enabled=false: export weights=raw") from None
+        if frozen:
+            dcp.load({"model": {n: shadow[n] for n in frozen}}, checkpoint_id=str(checkpoint), no_dist=True)
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(shadow[n])
@@ -129,6 +135,8 @@ def load_lora_checkpoint(checkpoint: str | Path, spec, *, weights: str = "ema", 
             raise ValueError(f"base={folder}: weights do not fit the run's model.* (missing {missing[:6]}, "
                              f"unexpected {sorted(unexpected)[:6]})")
     params = dict(zip(trainable_names(model), (p for p in model.parameters() if p.requires_grad), strict=True))
+    # the REPA head is never exported, and a run that used no REPA has it frozen: not in the checkpoint
+    params = {k: v for k, v in params.items() if not k.startswith("repa_projector.")}
     key = "ema" if weights == "ema" else "model"
     try:
         dcp.load({key: params}, checkpoint_id=str(checkpoint), no_dist=True)

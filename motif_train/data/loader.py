@@ -54,7 +54,15 @@ from .curriculum import StageConfig
 from .plan import Plan, build_plan, replan, sample_ids_by_bucket
 from .rank_plan import RankPlan
 from .sample_index import FIELDS, SampleIndex
-from .shards import MANIFEST_NAME, CorruptSample, bucket_name, decode_sample, load_manifest, teacher_from_uint8
+from .shards import (
+    MANIFEST_NAME,
+    CorruptSample,
+    bucket_name,
+    check_image_tokens,
+    decode_sample,
+    load_manifest,
+    teacher_from_uint8,
+)
 from .tar_index import DataIOError, Files, TarIndex, io_error
 
 __all__ = ["DataIOError", "ShardDataConfig", "ShardSource", "collate", "collate_micro"]
@@ -269,7 +277,7 @@ class ShardSource:
     corrupt (spare notes and corrupt spare candidates are not counted); `skipped_total` — their running
     sum on this rank (checkpointed). `startup_notes` — one line naming every shard of this rank's share
     (shards i ≡ dp_rank mod dp_size: all ranks together check each shard once) whose size differs from the
-    manifest's `bytes` (also logged as a warning at construction).
+    manifest's `bytes` (also logged as a warning at construction); `check_image_tokens` may add one.
     """
 
     takes_stage_hints = True  # set_stage(..., steps=, upcoming=): the trainer may announce the next stage
@@ -356,6 +364,59 @@ class ShardSource:
                 "samples will be skipped and counted, the intact ones used. Re-run motif-preprocess to rebuild them")
         log.warning(note)
         return [note]
+
+    def image_samples(self) -> tuple[dict[str, int | None], str | None]:
+        """Samples with SigLIP tokens per bucket ({bucket: count, None: unknown}) and a note when they were not
+        counted at preprocessing (manifests from before `image_samples`): then counted from the sample index's
+        member rows where every shard of the bucket is indexed, else taken from the manifest's preprocessing
+        settings (motif-preprocess encodes frame 0 of every sample or of none: `--no-image`)."""
+        table = self.manifest.get("buckets", {})
+        counts = {b: t.get("image_samples") for b, t in table.items()}
+        unknown = [b for b, c in counts.items() if c is None and table[b].get("samples", 0) > 0]
+        if not unknown:
+            return counts, None
+        ix = self.index
+        if ix.mapped and ix.num_samples:
+            names = {b: i for i, b in enumerate(ix.bucket_names)}
+            nb = len(ix.bucket_names)
+            sh_bucket = np.asarray(ix.shards["bucket"], np.int64)
+            unindexed = np.bincount(sh_bucket, weights=~np.asarray(ix.shards["indexed"], bool), minlength=nb)
+            rows = ix.samples
+            has = np.asarray(rows["size"][:, FIELDS.index("image.npy")]) >= 0
+            per = np.bincount(sh_bucket[np.asarray(rows["shard"], np.int64)][has], minlength=nb)
+            for b in list(unknown):
+                if b in names and unindexed[names[b]] == 0:
+                    counts[b] = int(per[names[b]])
+                    unknown.remove(b)
+        if not unknown:
+            return counts, None
+        settings = self.manifest.get("config") or {}
+        encoders = self.manifest.get("encoders") or {}
+        if "image" in settings or "image" in encoders:
+            on = bool(settings["image"]) if "image" in settings else bool(encoders["image"])
+            for b in unknown:
+                counts[b] = int(table[b]["samples"]) if on else 0
+            if not on:
+                return counts, None
+            return counts, (f"{self.root / MANIFEST_NAME} does not count the samples with SigLIP image tokens "
+                            f"(written before image_samples); assuming every sample of {', '.join(unknown)} has them "
+                            "(the image encoder was on). A sample without them stops the run at its I2V step; "
+                            "re-running motif-preprocess rewrites the manifest with the counts")
+        return counts, (f"{self.root / MANIFEST_NAME} does not say which samples carry SigLIP image tokens in "
+                        f"{', '.join(unknown)}: not checked at start-up; a sample without them stops the run at "
+                        "its I2V step")
+
+    def check_image_tokens(self, stages) -> None:
+        """Start-up check (the trainer, every rank alike): every video bucket of a stage with I2V must hold
+        SigLIP tokens for ALL its samples (shards.check_image_tokens: ValueError naming the buckets and the
+        fix). `stages`: (label, config key, i2v probability, StageConfig) per stage of the run."""
+        counts, note = self.image_samples()
+        check_image_tokens(self.manifest.get("buckets", {}),
+                           [(label, key, p, [bucket_name(*b) for b in st.buckets]) for label, key, p, st in stages],
+                           root=self.root, counts=counts)
+        if note and any(p > 0 for _, _, p, _ in stages):
+            log.warning(note)
+            self.startup_notes.append(note)
 
     # ---- interface ---------------------------------------------------------------------
     def empty_text(self) -> tuple[torch.Tensor, torch.Tensor] | None:

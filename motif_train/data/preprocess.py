@@ -520,6 +520,17 @@ def _wait_for_ranks(out: Path, items: list[ClipItem], world_size: int, fingerpri
         time.sleep(1.0)
 
 
+def _member_names(index: Path) -> list[str]:
+    """Member names of a shard in tar order, from its `<shard>.tar.idx.json`."""
+    return list(S.parse_index(index.read_bytes())[1])
+
+
+def _tar_member_names(path: Path) -> list[str]:
+    """Member names of a shard in tar order, from its headers (a shard without a usable index)."""
+    with tarfile.open(path, "r:") as tf:
+        return [m.name for m in tf if m.isfile()]
+
+
 def _finalize(out: Path, enc: _Encoders, settings: dict, stage_map: dict, names: list[str], max_text_len: int,
               world_size: int, inputs) -> dict:
     entries = []
@@ -528,11 +539,14 @@ def _finalize(out: Path, enc: _Encoders, settings: dict, stage_map: dict, names:
         # The member index (offsets + crc32) the writer put beside the tar, if it matches the tar: its keys
         # then come from it (10⁵ shards: no tar is walked at merge either), else from the tar's headers.
         index = S.index_entry(out, e["shard"])
-        keys = S.index_keys(out / index["index"]) if index else S.read_tar_keys(path)
+        members = _member_names(out / index["index"]) if index else _tar_member_names(path)
+        keys = list(dict.fromkeys(n.split(".", 1)[0] for n in members))  # as index_keys / read_tar_keys
         if keys != e.get("keys", keys):
             log.warning("%s: journal keys differ from the tar's; using the tar", e["shard"])
+        # samples with SigLIP tokens, per shard -> per bucket in the manifest (the trainer's I2V start-up check)
         entries.append({"path": e["shard"], "bucket": S.parse_shard_name(path)[0], "samples": len(keys),
-                        "keys": keys, "bytes": path.stat().st_size, **index})
+                        "keys": keys, "bytes": path.stat().st_size, **index,
+                        "image_samples": S.count_image_samples(members)})
     fails = _failures(out)
     S.write_atomic(out / S.FAILURES_NAME,
                    "".join(json.dumps({"source": s, "reason": r}) + "\n" for s, r in sorted(fails.items())))

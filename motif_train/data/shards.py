@@ -3,6 +3,7 @@
 Layout under a dataset root (written by `motif-preprocess`, read by the planner and loader)::
 
     <root>/manifest.json                      per-shard keys/counts, per-bucket totals (MANIFEST_VERSION)
+                                              and per-bucket `image_samples` (samples with image.npy)
     <root>/empty_prompt.npy                   float16 (L0, C_text): trimmed embedding of "" (CFG dropout)
     <root>/failures.jsonl                     {"source", "reason"} per clip that could not be used
     <root>/shards/<bucket>/<bucket>-r<rank:02d>-<idx:05d>.tar
@@ -18,6 +19,12 @@ of 16). One sample per key; tar members (`<key>.<field>`):
                    "latent_shape", "text_len", "tokens", ...}
 
 Arrays are `.npy` written by `np.save` and read with `allow_pickle=False`: nothing is pickled.
+
+Image tokens. A shard entry and a bucket of the manifest count their samples that carry `image.npy`
+(`image_samples`): I2V needs them in EVERY sample of a video bucket (the task of a step is the same on
+every rank, so no rank may fall back to T2V), which `check_image_tokens` verifies at start-up. Manifests
+from before the count have no such key (the loader then counts from its sample index, or trusts the
+manifest's encoders; `ShardSource.image_samples`).
 
 Member index and checksums. Beside every tar, `ShardWriter` writes `<shard>.tar.idx.json` (before the
 tar's atomic rename, so a finished tar always has one)::
@@ -70,8 +77,9 @@ _SHARD_RE = re.compile(r"^(?P<bucket>\d+x\d+x\d+)-r(?P<rank>\d+)-(?P<idx>\d+)\.t
 
 __all__ = [
     "MANIFEST_VERSION", "CorruptSample", "ShardWriter", "bucket_name", "bucket_info", "decode_sample",
-    "encode_sample", "index_entry", "index_keys", "latent_shape", "load_manifest", "merge_manifests", "parse_bucket",
-    "parse_index", "save_manifest", "shard_name", "validate_bucket", "video_tokens",
+    "check_image_tokens", "count_image_samples", "encode_sample", "index_entry", "index_keys", "latent_shape",
+    "load_manifest", "merge_manifests", "parse_bucket", "parse_index", "save_manifest", "shard_name", "validate_bucket",
+    "video_tokens",
 ]
 
 
@@ -367,7 +375,8 @@ class ShardWriter:
     bytes, or on `close()`. Indices continue after the highest existing `.tar` of the same
     bucket and rank, and are at least `first_index[bucket]` (a deleted shard's name is not reused).
     `on_close(entry)` runs after each rename; `entries` collects them:
-    {"path" (relative to root), "bucket", "samples", "keys", "bytes", "index", "index_crc", "sources"}.
+    {"path" (relative to root), "bucket", "samples", "keys", "bytes", "index", "index_crc", "image_samples",
+    "sources"} (image_samples: how many of its samples carry `image.npy`).
     The member index `<name>.tar.idx.json` (offsets, sizes, crc32; module doc) is written just
     before the rename.
 
@@ -407,7 +416,8 @@ class ShardWriter:
         stream = open(path.with_name(path.name + ".tmp"), "wb")
         # mtime fixed: identical content gives identical tar bytes.
         writer = wds.TarWriter(stream, encoder=False, mtime=0)
-        return {"rel": rel, "path": path, "stream": stream, "writer": writer, "keys": [], "sources": [], "crc": {}}
+        return {"rel": rel, "path": path, "stream": stream, "writer": writer, "keys": [], "sources": [], "crc": {},
+                "images": 0}
 
     def write(self, bucket: str, sample: Mapping, source: str | None = None) -> dict | None:
         """Append an `encode_sample` dict to the bucket's open shard; returns the entry if that closed it."""
@@ -419,6 +429,7 @@ class ShardWriter:
                 cur["crc"][f"{sample['__key__']}.{field}"] = zlib.crc32(
                     value.encode("utf-8") if isinstance(value, str) else value)
         cur["keys"].append(sample["__key__"])
+        cur["images"] += "image.npy" in sample
         cur["sources"].append(source)
         if len(cur["keys"]) >= self.target_samples or cur["stream"].tell() >= self.target_bytes:
             return self._finish(bucket)
@@ -440,7 +451,7 @@ class ShardWriter:
         os.replace(tmp, cur["path"])
         entry = {"path": cur["rel"], "bucket": bucket, "samples": len(cur["keys"]), "keys": cur["keys"],
                  "bytes": size, "index": index_name(cur["rel"]), "index_crc": zlib.crc32(text.encode("utf-8")),
-                 "sources": cur["sources"]}
+                 "image_samples": cur["images"], "sources": cur["sources"]}
         self.entries.append(entry)
         if self.on_close is not None:
             self.on_close(entry)
@@ -472,6 +483,51 @@ class ShardWriter:
             self.abort()
 
 
+# ------------------------------------------------------------------------------ image tokens
+
+
+def count_image_samples(member_names: Iterable[str]) -> int:
+    """How many samples of a shard carry SigLIP tokens, from its tar member names (`<key>.image.npy`)."""
+    return len({n[: -len(".image.npy")] for n in member_names if n.endswith(".image.npy")})
+
+
+def check_image_tokens(buckets: Mapping[str, Mapping], stages: Iterable[tuple[str, str, float, Iterable[str]]],
+                       *, root: PathLike, counts: Mapping[str, int | None] | None = None) -> None:
+    """Refuse a dataset on which an I2V stage would meet a sample without SigLIP image tokens.
+
+    `buckets`: the manifest's bucket table; `stages`: (label, config key, i2v probability, bucket names) per
+    stage of the run, e.g. ("curriculum stage 0 ('low-res')", "curriculum.stages[0].i2v_prob", 0.5, [...]);
+    `counts`: samples with image tokens per bucket (default: the table's `image_samples`; None or a missing
+    entry: unknown, not checked). Stages with probability 0 and image buckets (1 frame: always T2V) need none;
+    a bucket that is not in the manifest or holds no sample is left to the planner. Raises ValueError naming
+    every stage's buckets that lack them, with the fix.
+    """
+    if counts is None:
+        counts = {b: t.get("image_samples") for b, t in buckets.items()}
+    problems, keys = [], []
+    for label, key, prob, names in stages:
+        if not prob > 0:
+            continue
+        bad = []
+        for b in dict.fromkeys(names):
+            t, have = buckets.get(b), counts.get(b)
+            if t is None or have is None or int(t.get("frames", parse_bucket(b)[0])) < 2:
+                continue
+            if int(have) < int(t["samples"]):
+                bad.append(f"{b} ({int(have)} of {int(t['samples'])} samples have them)")
+        if bad:
+            problems.append(f"{label} trains I2V (i2v_prob={prob:g}) but bucket(s) {', '.join(bad)} lack SigLIP "
+                            "image tokens")
+            keys.append(key)
+    if problems:
+        raise ValueError(
+            f"{'; '.join(problems)} in {Path(root) / MANIFEST_NAME}. Every rank trains the same task in a step, "
+            "so a sample without image tokens cannot be trained as I2V (and must not switch its rank to T2V: the "
+            "ranks would run different graphs). Re-run motif-preprocess with the image encoder (without --no-image) "
+            f"into a new --out, or set {' / '.join(dict.fromkeys(keys))}=0 "
+            "(or objective.conditioning.i2v_prob=0) to train those stages as T2V only.")
+
+
 # ------------------------------------------------------------------------------ manifest
 
 
@@ -482,13 +538,15 @@ def now_iso() -> str:
 def build_manifest(shards: Iterable[Mapping], *, dropped: Mapping[str, int] | None = None,
                    stages: Mapping[str, Iterable[str]] | None = None, encoders: Mapping | None = None,
                    config: Mapping | None = None, buckets: Iterable[str] = ()) -> dict:
-    """A manifest from shard entries ({"path", "bucket", "samples", "keys", "bytes", ["index", "index_crc"]}).
+    """A manifest from shard entries ({"path", "bucket", "samples", "keys", "bytes", ["index", "index_crc"],
+    ["image_samples"]}).
 
     Shards are sorted by path; `buckets` lists buckets to include even when empty; `stages`
-    maps a stage name to its bucket names (for the per-stage totals). Keys must be unique.
+    maps a stage name to its bucket names (for the per-stage totals). Keys must be unique. A bucket
+    gets `image_samples` (its samples with SigLIP tokens) when every one of its shards has the count.
     """
     entries = sorted(({**{k: s[k] for k in ("path", "bucket", "samples", "keys", "bytes")},
-                       **{k: s[k] for k in ("index", "index_crc") if k in s}} for s in shards),
+                       **{k: s[k] for k in ("index", "index_crc", "image_samples") if k in s}} for s in shards),
                      key=lambda s: s["path"])
     seen: dict[str, str] = {}
     for s in entries:
@@ -503,6 +561,10 @@ def build_manifest(shards: Iterable[Mapping], *, dropped: Mapping[str, int] | No
     for i, s in enumerate(entries):
         table[s["bucket"]]["samples"] += s["samples"]
         table[s["bucket"]]["shards"].append(i)
+    for b in table.values():  # unknown (no key) as soon as one shard of the bucket lacks the count
+        counts = [entries[i].get("image_samples") for i in b["shards"]]
+        if all(isinstance(c, int) for c in counts):
+            b["image_samples"] = sum(counts)
     totals = {"samples": sum(b["samples"] for b in table.values()),
               "tokens": sum(b["samples"] * b["tokens"] for b in table.values()),
               "shards": len(entries), "bytes": sum(s["bytes"] for s in entries)}

@@ -278,3 +278,20 @@ def build_model(config: MotifDiTConfig | dict, *, device: torch.device | str | N
     if dtype is not None:
         model.to(dtype)
     return model
+
+
+def apply_repa_freeze(model: nn.Module, *, used: bool) -> list[str]:
+    """Freeze the REPA head when no step of the run uses REPA (`objectives.repa.repa_stages`); returns the
+    frozen parameter names ([] when it stays trainable or there is no head).
+
+    A head that never runs gets no gradient, so training it would only carry random weights, moments and an
+    EMA copy along: frozen (`requires_grad=False`) it is out of the optimizer, the EMA and, in a LoRA run,
+    the checkpoint (all of them take the trainable parameters). Call it on the built model before
+    parallelize (after `apply_lora`, which leaves the head trainable), in the trainer and the dry run alike.
+    """
+    head = getattr(model, "repa_projector", None)
+    if head is None or used:
+        return []
+    for p in head.parameters():
+        p.requires_grad_(False)
+    return [f"repa_projector.{n}" for n, _ in head.named_parameters()]

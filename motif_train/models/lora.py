@@ -4,7 +4,8 @@
 in place, on the meta-built model BEFORE compile / AC / FSDP2 (so `fully_shard` shards base and
 adapters together; FSDP2 allows frozen and trainable parameters in one unit, and frozen ones of
 another dtype: only the trainable ones must share a dtype). Everything else is frozen (the REPA
-head, when the model has one, keeps training: it is fresh and never exported).
+head, when the model has one, keeps training: it is fresh and never exported; the trainer then freezes
+it too when no stage uses REPA, `dit.apply_repa_freeze`).
 
 Names. peft wraps `attn.to_q` as `attn.to_q.base_layer` + `attn.to_q.lora_A.default` /
 `lora_B.default`. A diffusers `MotifVideoTransformer3DModel` after `load_lora_adapter` has exactly
@@ -107,7 +108,8 @@ def resolve_targets(model: nn.Module, targets: list[str]) -> list[str]:
 
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
     """Inject the adapters in place (call on the meta- or CPU-built model, before parallelize); freeze
-    the rest; cast the frozen base to `cfg.base_dtype`. Returns the wrapped modules' names."""
+    the rest but the REPA head (`apply_repa_freeze` decides on it, after this); cast the frozen base to
+    `cfg.base_dtype`. Returns the wrapped modules' names."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import inject_adapter_in_model
 
@@ -292,8 +294,8 @@ def merged_model(model: nn.Module, params: dict[str, torch.Tensor] | None = None
 
 
 def checkpoint_state(model: nn.Module):
-    """The DCP `ModelState` of a LoRA run: the trainable tensors only (adapters, REPA head), not the frozen
-    base, which `model.init_from` provides again on resume (tied aliases of frozen tensors are dropped
+    """The DCP `ModelState` of a LoRA run: the trainable tensors only (adapters, the REPA head when REPA is used), not
+    the frozen base, which `model.init_from` provides again on resume (tied aliases of frozen tensors are dropped
     too: DSD's `ignore_frozen_params` misses the second name of a shared module)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 

@@ -6,6 +6,9 @@ Losses come back as named terms (`denoise`, `repa`, per-σ-bucket diagnostics); 
 trainer weights them with `ObjectiveConfig.weights` via `total_loss`. The REPA teacher is
 passed in (frozen, not part of the trained model) and is only run when REPA is active.
 
+The task never depends on one rank's data: an I2V micro-batch without SigLIP tokens is an error
+(`MissingImageTokens`), not a silent switch of that rank to T2V (a graph the other ranks do not run).
+
 No device->host read happens in a call (tests/unit/test_host_syncs.py): the task is a hash,
 the text-dropout draw and the "is any text padded" decision are made on the host, the blur's
 kernel width comes from the config. The output says what the model was fed (task, image and
@@ -68,6 +71,21 @@ class ObjectiveOutput:
     image_tokens: int = 0
     text_tokens: int = 0
     repa: bool = False
+
+
+class MissingImageTokens(ValueError):
+    """An I2V micro-batch without SigLIP tokens. The task is a hash of (seed, step, micro-step), the same on every
+    rank, so this rank cannot train it as T2V instead: the ranks would run different graphs (the image
+    embedder's all-gather and gradient on some ranks only). The trainer's start-up check refuses datasets
+    whose video buckets lack them (data/shards.py `check_image_tokens`); this is a sample that slipped through."""
+
+    def __init__(self, step: int, micro_step: int, keys: tuple[str, ...] = ()) -> None:
+        shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+        super().__init__(
+            f"step {step} micro-step {micro_step} trains I2V on every rank, but this rank's micro-batch has no "
+            f"SigLIP image tokens (no image.npy in at least one of its samples{' (' + shown + ')' if shown else ''}). "
+            "Re-run motif-preprocess with the image encoder (without --no-image), or set the stage's i2v_prob=0 / "
+            "objective.conditioning.i2v_prob=0 to train T2V only.")
 
 
 def total_loss(losses: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
@@ -140,8 +158,10 @@ class DiffusionObjective:
         x0 = batch.latents.float()  # (B, 16, F, H, W)
         b, _, f, h, w = x0.shape
         task = choose_task(c.seed, step, micro_step, c.conditioning.i2v_prob)
-        if f < 2 or batch.image_embeds is None:
-            task = "t2v"  # an image (or a sample without SigLIP tokens) cannot be conditioned on itself
+        if f < 2:
+            task = "t2v"  # an image cannot be conditioned on itself; every rank has this shape (one bucket a step)
+        elif task == "i2v" and batch.image_embeds is None:
+            raise MissingImageTokens(step, micro_step, batch.keys)
 
         sigma = sample_sigmas(b, c.flow, generator=generator, device=x0.device)  # (B,)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)

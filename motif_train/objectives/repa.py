@@ -37,6 +37,21 @@ class RepaLossConfig:
         return self.weight > 0 and (self.until_step is None or step <= self.until_step)
 
 
+def repa_stages(stages, loss: RepaLossConfig, total_steps: int | None = None) -> list[bool]:
+    """Per curriculum stage, whether REPA runs at some step of it, as the trainer decides it: the stage has
+    `repa: true`, `weight > 0`, and the stage starts at or before `until_step` and the run's last step
+    (`total_steps`, default the curriculum's: the last stage runs on to it). `stages`: StageConfig-like
+    (`.steps`, `.repa`). No stage: the REPA head never gets a gradient (`models.apply_repa_freeze`)."""
+    last = sum(int(s.steps) for s in stages) if total_steps is None else int(total_steps)
+    if loss.until_step is not None:
+        last = min(last, int(loss.until_step))
+    out, start = [], 1
+    for s in stages:
+        out.append(bool(s.repa) and loss.weight > 0 and start <= last)
+        start += int(s.steps)
+    return out
+
+
 def teacher_pixels(frames: torch.Tensor, size: int) -> torch.Tensor:
     """Teacher input from a clip: frames (B, 3, 1+4k, H, W) in [-1, 1] -> (B, 3, 2+4k, S, S).
 

@@ -94,3 +94,39 @@ def test_export_lora_and_merge_match_diffusers(reference, release, tmp_path, wei
         assert (y - base).abs().max() > 2e-4  # the adapter does something (20x the tolerance below)
         assert (theirs(x, **kw).sample - y).abs().max() <= 1e-5
         assert (merged(x, **kw).sample - y).abs().max() <= 1e-5
+
+
+def test_unused_repa_head_is_frozen_and_resumes_exactly(release, tmp_path):
+    """model.repa.block set (the tiny preset) and no stage using REPA: the head is frozen, so it is in neither the
+    checkpoint, the optimizer state nor the EMA, and a run resumed from the step-3 checkpoint continues the
+    uninterrupted one bit for bit (two launches: the second resumes the first's checkpoint in a run dir of its own)."""
+    from motif_train.cli.export import load_lora_checkpoint, run_config
+    from motif_train.config import ModelSpec
+
+    args = [*lora_args(release), "curriculum.stages.0.repa=false"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    train(ref, 2, *args)
+    assert "REPA head frozen" in (ref / "events.jsonl").read_text()
+    fr = load_dcp(ckpt_dir(ref, 6), tmp_path / "a")
+    assert not [k for k in fr if "repa_projector" in k]
+    assert [k for k in fr if k.startswith("optim.state.")]
+    assert all(".lora_" in k for k in fr if k.startswith(("model.", "ema.", "optim.state.")))
+    train(run, 2, *args, f"checkpoint.resume={ckpt_dir(ref, 3)}")
+    a, b = records(ref), records(run)
+    for s in (4, 5, 6):
+        assert step_values(a[s]) == step_values(b[s]), f"step {s} differs"
+    fb = load_dcp(ckpt_dir(run, 6), tmp_path / "b")
+    keys = [k for k in fr if k.startswith(("model.", "ema."))]
+    assert keys and sorted(keys) == sorted(k for k in fb if k.startswith(("model.", "ema.")))
+    for k in keys:
+        assert torch.equal(fr[k], fb[k]), k
+    # motif-export reads the adapters of such a checkpoint (it never needed the head)
+    from omegaconf import OmegaConf
+
+    spec = ModelSpec(**{k: v for k, v in OmegaConf.to_container(run_config(ckpt_dir(run, 6)).model,
+                                                                  resolve=True).items()
+                        if k in ModelSpec.__dataclass_fields__})
+    model = load_lora_checkpoint(ckpt_dir(run, 6), spec, weights="ema", with_base=False)
+    lora_b = dict(model.named_parameters())
+    some = next(k for k in keys if k.startswith("ema.") and ".lora_B." in k)
+    assert torch.equal(lora_b[some[len("ema."):]], fr[some])

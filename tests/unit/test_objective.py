@@ -209,3 +209,24 @@ def test_repa_without_teacher_pixels_is_an_error(tiny_cfg, encoders, batch):
     bad = Batch(latents=batch.latents, text=batch.text, text_mask=batch.text_mask)
     with pytest.raises(ValueError, match="teacher_pixels"):
         _objective(encoders)(model, bad, step=0)
+
+
+def test_i2v_without_image_tokens_is_an_error_not_t2v(tiny_cfg, encoders, batch):
+    """The task is the same on every rank (a hash of seed/step/micro-step): a micro-batch without SigLIP tokens
+    must not switch its rank to T2V (the ranks would run different graphs, FSDP collectives would not match)."""
+    from motif_train.objectives.objective import MissingImageTokens
+
+    model = build_model(copy.deepcopy(tiny_cfg)).train()
+    bare = Batch(latents=batch.latents, text=batch.text, text_mask=batch.text_mask, teacher_pixels=batch.teacher_pixels,
+                 keys=("clip_a", "clip_b"))
+    obj = _objective(encoders, conditioning={"i2v_prob": 1.0, "text_dropout": 0.0}, repa={"weight": 0.0})
+    with pytest.raises(MissingImageTokens) as e:
+        obj(model, bare, step=4, micro_step=1)
+    msg = str(e.value)
+    assert "step 4 micro-step 1 trains I2V on every rank" in msg and "clip_a, clip_b" in msg
+    assert "motif-preprocess with the image encoder" in msg and "i2v_prob=0" in msg
+    # T2V steps and images (F == 1: always T2V, on every rank alike) need no image tokens
+    assert _objective(encoders, conditioning={"i2v_prob": 0.0, "text_dropout": 0.0},
+                      repa={"weight": 0.0})(model, bare, step=4).task == "t2v"
+    img = Batch(latents=batch.latents[:, :, :1], text=batch.text, text_mask=batch.text_mask)
+    assert obj(model, img, step=4).task == "t2v"
