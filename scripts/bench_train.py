@@ -6,7 +6,8 @@
     # (+ FA3 / FA4 where installed) against sdpa, forward + backward in bf16, with the kernels it ran; then
     # the full 2B recipe at 480p x 81 and 720p x 121, AC full / selective, sdpa / flex / varlen, TREAD
     # on: s/step, MFU, measured-window peak memory, compiled graphs / recompiles. Writes
-    # docs/bench/gpu_check.json and re-renders its table in docs/benchmarks.md (scripts/gpu_check.py)
+    # docs/bench/gpu_check.json and re-renders its table in docs/benchmarks.md (scripts/gpu_check.py,
+    # scripts/gpu_report.py)
     python scripts/bench_train.py --gpu
     # the same run on CPU with the tiny model (sdpa only; what the GPU run executes but the kernels)
     python scripts/bench_train.py --gpu --cpu-rehearsal
@@ -23,13 +24,13 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))  # gpu_check (scripts/ is not a package)
+sys.path.insert(0, str(ROOT / "scripts"))  # gpu_check, gpu_report (scripts/ is not a package)
 
 
 def summarize(metrics: Path, warmup: int, peak_tflops: float | None) -> dict:
-    import gpu_check
+    import gpu_report
 
-    return gpu_check.summarize(metrics, warmup, peak_tflops)
+    return gpu_report.summarize(metrics, warmup, peak_tflops)
 
 
 def bench_cpu(args) -> dict:
@@ -46,6 +47,7 @@ def bench_cpu(args) -> dict:
 def bench_gpu(args) -> dict:
     """The one-shot GPU check (scripts/gpu_check.py); `--cpu-rehearsal`: the same run on CPU, tiny model."""
     import gpu_check
+    import gpu_report
 
     if not args.cpu_rehearsal:
         gpu_check.require_cuda()  # before any other work: one line and a non-zero exit without CUDA
@@ -67,9 +69,9 @@ def bench_gpu(args) -> dict:
                                       attention_kw=dict(dtype=torch.float64, n=64, image=4, text=16, lens=(16, 5),
                                                         heads=2, head_dim=16), **kw)
     else:
-        out = Path(args.out) if args.out else gpu_check.JSON_PATH
+        out = Path(args.out) if args.out else gpu_report.JSON_PATH
         res = gpu_check.run_check(variants, out=out, device="cuda",
-                                  docs=None if args.no_docs else gpu_check.DOCS_MD, **kw)
+                                  docs=None if args.no_docs else gpu_report.DOCS_MD, **kw)
     print(f"wrote {out}")
     return res
 

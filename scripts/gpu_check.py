@@ -1,4 +1,4 @@
-"""The one-shot GPU check (run by `python scripts/bench_train.py --gpu`) and its docs table.
+"""The one-shot GPU check (run by `python scripts/bench_train.py --gpu`): what it measures and how.
 
 One process, one GPU, a wall-clock budget (default 540 s, so the command ends inside 10 minutes):
 
@@ -16,9 +16,11 @@ One process, one GPU, a wall-clock budget (default 540 s, so the command ends in
    a 720p variant after its 480p twin needs no warm-up step; the window's graph count shows whether it
    compiled anything. A variant that fails (OOM, compile error, per-variant timeout) is recorded with
    its error; one that would not fit the remaining budget is recorded as skipped.
-3. JSON (`docs/bench/gpu_check.json`: device, capability, torch / CUDA versions, every row), written
-   after every variant, and the table of docs/benchmarks.md rendered from it (`render_block`): a row
-   absent from the JSON, failed or skipped says "not measured"; only a CUDA run's rows carry numbers.
+3. `run_check`: 1 then 2 under the budget, the JSON (`docs/bench/gpu_check.json`: device, capability,
+   torch / CUDA versions, every row) written after every variant and, after a CUDA run, the table of
+   docs/benchmarks.md re-rendered from it. The JSON (its schema, a row's timings from metrics.jsonl,
+   reading / writing) and the table's rendering are scripts/gpu_report.py; this module's CLI renders /
+   checks that table through it.
 
     python scripts/bench_train.py --gpu                 # the check (needs CUDA); updates the docs table
     python scripts/gpu_check.py --render-docs           # re-render docs/benchmarks.md from the JSON
@@ -26,22 +28,17 @@ One process, one GPU, a wall-clock budget (default 540 s, so the command ends in
 
 Everything but the CUDA-only parts runs on CPU in tests/unit/test_gpu_check.py (attention check in
 fp64 under `cpu_reference_kernels`, the variants' configs composed from the real Hydra configs, a
-tiny-model rehearsal of `run_check` through the real Trainer, counters, rendering).
+tiny-model rehearsal of `run_check` through the real Trainer, counters; and gpu_report's rendering).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import gc
 import importlib.util
-import json
-import os
-import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,11 +50,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-JSON_PATH = ROOT / "docs" / "bench" / "gpu_check.json"
-DOCS_MD = ROOT / "docs" / "benchmarks.md"
-BLOCK = "gpu-check"
-SCHEMA = 1
-COMMAND = "python scripts/bench_train.py --gpu"
 DEFAULT_BUDGET_S = 540.0
 DEFAULT_VARIANT_TIMEOUT_S = 300.0
 _T0 = time.monotonic()  # the budget counts from the script's start (imports and CUDA init included)
@@ -397,23 +389,6 @@ def attention_check(device: str = "cuda", dtype=None, *, batch: int = 2, n: int 
 # =========================================================================== 2. training-step variants
 
 
-def summarize(metrics: Path, warmup: int, peak_tflops: float | None) -> dict:
-    """The measured steps (step > warmup) of a run's metrics.jsonl: s/step, rates, MFU."""
-    from motif_train.metrics import read_metrics
-
-    rows = [r for r in read_metrics(metrics) if r["step"] > warmup]
-    if not rows:
-        raise RuntimeError(f"{metrics}: no step after the {warmup} warm-up step(s) was logged")
-    t = sum(r["step_time"] for r in rows)
-    out = {"steps_measured": len(rows), "step_times_s": [r["step_time"] for r in rows], "step_time_s": t / len(rows),
-           "samples_per_s": sum(r["samples"] for r in rows) / t, "tokens_per_s": sum(r["tokens"] for r in rows) / t,
-           "data_wait_share": sum(r["data_wait"] for r in rows) / t,
-           "model_tflops_per_s": sum(r["flops"] for r in rows) / t / 1e12}
-    if peak_tflops:
-        out["mfu"] = out["model_tflops_per_s"] / peak_tflops
-    return out
-
-
 def instrument(trainer, warmup: int, peak: PeakWindow, compiles: CompileCounter, label: str = "") -> None:
     """Hook the measured window onto a Trainer: it starts before step `warmup + 1` reads its batch and
     ends when the last step's `train_step` returns (its allocations are all issued by then; the logger's
@@ -440,6 +415,7 @@ def instrument(trainer, warmup: int, peak: PeakWindow, compiles: CompileCounter,
 def run_variant(v: Variant, steps: int, warmup: int, peak_tflops: float | None, *, compile: bool = True,
                 tiny: bool = False, mem=None) -> dict:
     """One run of the Trainer for `steps` steps; errors are recorded, never raised (VariantTimeout aside)."""
+    import gpu_report as report  # here, not at the top: gpu_report imports this module's definitions
     import torch
 
     from motif_train.trainer import Trainer
@@ -462,7 +438,7 @@ def run_variant(v: Variant, steps: int, warmup: int, peak_tflops: float | None, 
         instrument(trainer, warmup, peak, compiles, v.key)
         trainer.train()
         trainer.close()
-        res.update(summarize(run / "metrics.jsonl", warmup, peak_tflops))
+        res.update(report.summarize(run / "metrics.jsonl", warmup, peak_tflops))
         res.update(peak.result)
         res["compiled"] = compiles.between("start", "end")
         res["compiled_in_window"] = compiles.between("window", "end")
@@ -484,42 +460,7 @@ def run_variant(v: Variant, steps: int, warmup: int, peak_tflops: float | None, 
     return res
 
 
-# =========================================================================== 3. the run, the JSON
-
-
-def device_info(device: str) -> dict:
-    import torch
-
-    from motif_train.metrics import peak_tflops
-
-    dev = torch.device(device)
-    info: dict[str, Any] = {"type": dev.type, "torch": torch.__version__, "cuda": torch.version.cuda,
-                            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-                            "python": sys.version.split()[0]}
-    if dev.type == "cuda":
-        props = torch.cuda.get_device_properties(dev)
-        info.update(name=torch.cuda.get_device_name(dev), capability=list(torch.cuda.get_device_capability(dev)),
-                    total_memory_gib=props.total_memory / 2**30, count=torch.cuda.device_count(),
-                    peak_tflops=peak_tflops(dev))
-    else:
-        info["name"] = "cpu"
-    from importlib import metadata
-
-    for pkg in ("triton", "flash-attn", "flash_attn_3", "flash-attn-3", "flash-attn-4"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            info.setdefault("packages", {})[pkg] = metadata.version(pkg)
-    with contextlib.suppress(Exception):
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5)
-        if rev.returncode == 0:
-            info["git_commit"] = rev.stdout.strip()
-    return info
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+# =========================================================================== 3. the run
 
 
 def require_cuda() -> None:
@@ -538,6 +479,7 @@ def run_check(variants: list[Variant], *, out: Path | None, device: str = "cuda"
               fresh_compile: bool = False, attention: bool = True, attention_kw: dict | None = None,
               mem=None, docs: Path | None = None) -> dict:
     """The whole check; writes `out` after every phase and re-renders `docs` at the end (if given)."""
+    import gpu_report as report  # here, not at the top: gpu_report imports this module's definitions
     import torch
 
     from motif_train.metrics import peak_tflops
@@ -546,23 +488,19 @@ def run_check(variants: list[Variant], *, out: Path | None, device: str = "cuda"
     if mem is None and dev.type == "cuda":
         mem = torch.cuda
     peak = peak_tflops(dev)
-    results: dict[str, Any] = {
-        "schema": SCHEMA, "command": COMMAND, "measured": dev.type == "cuda" and not tiny, "rehearsal": tiny,
-        "date": datetime.date.today().isoformat(), "device": device_info(device), "setup": SETUP,
-        "budget_s": budget_s, "variants": []}
+    results = report.new_results(device, measured=dev.type == "cuda" and not tiny, rehearsal=tiny, budget_s=budget_s)
 
     def save():
         results["wall_s"] = elapsed()
         if out is not None:
-            write_json(out, results)
+            report.write_json(out, results)
 
     if attention:
         say("attention check: sdpa / flex / varlen (+ FA3 / FA4 where installed), forward + backward")
         kw = {"dtype": torch.bfloat16} if dev.type == "cuda" else {"dtype": torch.float64}
         results["attention_check"] = attention_check(device, **{**kw, **(attention_kw or {})})
         for name, rec in results["attention_check"]["cases"].items():
-            say(f"  {name}: {rec['status']} " + (f"rel out {rec['rel_out']:.2e} grad {rec['rel_grad']:.2e}"
-                                                 if "rel_out" in rec else rec.get("reason", rec.get("error", ""))))
+            say(report.case_line(name, rec))
         save()
     seen: set[tuple] = set()
     last_wall: dict[str, float] = {}
@@ -591,159 +529,30 @@ def run_check(variants: list[Variant], *, out: Path | None, device: str = "cuda"
         if res["status"] == "ok":
             seen.add((v.ac, v.backend, v.flash_impl))
             last_wall[v.shape] = res["wall_s"]
-            say(f"   {v.key}: {res['step_time_s']:.3f} s/step" +
-                (f", MFU {100 * res['mfu']:.1f} %" if res.get("mfu") else "") +
-                (f", peak {res['peak_allocated_gib']:.1f} GiB allocated / {res['peak_reserved_gib']:.1f} reserved"
-                 if "peak_allocated_gib" in res else "") +
-                f", graphs {res['compiled']['graphs']} (window {res['compiled_in_window']['graphs']}), "
-                f"{res['wall_s']:.0f} s")
-        else:
-            say(f"   {v.key}: {res['status']}: {res.get('error', '')[:200]}")
+        say(report.variant_line(res))
         save()
     save()
     if docs is not None and results["measured"]:
-        update_docs(docs, results)
+        report.update_docs(docs, results)
         say(f"wrote {out} and the table in {docs}")
     return results
 
 
-# =========================================================================== docs table
-
-
-def _measured(results: dict | None) -> bool:
-    return bool(results) and bool(results.get("measured")) and results.get("device", {}).get("type") == "cuda"
-
-
-def _clip(shape: str) -> str:
-    return " × ".join(str(x) for x in SHAPES[shape])
-
-
-def table_rows(results: dict | None, suite: tuple[str, ...] = SUITE) -> list[list[str]]:
-    """One row per variant of `suite` (in the order shape, AC, backend), then any other variant the JSON
-    holds. A variant absent from the JSON, not ok, or from a run that was not a CUDA measurement says
-    "not measured"; never a number that was not measured."""
-    by_key = {r["variant"]: r for r in (results or {}).get("variants", [])} if _measured(results) else {}
-    keys = sorted(suite, key=lambda k: (list(SHAPES).index(k.split(":")[0]), AC_MODES.index(k.split(":")[1]),
-                                        BACKENDS.index(k.split(":")[2])))
-    keys += [k for k in by_key if k not in keys]
-    rows = []
-    for key in keys:
-        v = Variant.parse(key)
-        r = by_key.get(key)
-        backend = v.backend + (f" + {v.flash_impl}" if v.flash_impl else "")
-        row = [_clip(v.shape), v.ac, backend]
-        nm = "not measured"
-        if r is None or r.get("status") != "ok":
-            status = nm if r is None else (f"skipped: {r.get('reason', '')}" if r.get("status") == "skipped"
-                                           else "failed: " + r.get("error", "?").split(":")[0])
-            rows.append(row + [nm] * 5 + [status])
-            continue
-        win = r["compiled_in_window"]
-        dagger = " †" if win["graphs"] or win["recompiles"] else ""
-        mfu = f"{100 * r['mfu']:.1f} %" if r.get("mfu") is not None else nm
-        alloc = f"{r['peak_allocated_gib']:.1f}" if r.get("peak_allocated_gib") is not None else nm
-        res_ = f"{r['peak_reserved_gib']:.1f}" if r.get("peak_reserved_gib") is not None else nm
-        rows.append(row + [f"{r['step_time_s']:.3f}{dagger}", mfu, alloc, res_,
-                           f"{r['compiled']['graphs']} / {win['graphs']} / {win['recompiles']}",
-                           f"ok ({r['steps_measured']} of {r['steps']} steps)"])
-    return rows
-
-
-ATTN_HEADER = ["case", "backend", "`flash_impl`", "keys", "out rel. err", "grad rel. err", "kernels", "status"]
-STEP_HEADER = ["clip", "`parallel.ac`", "`model.attention_backend`", "s / step", "MFU", "peak alloc. GiB",
-               "peak reserved GiB", "graphs: run / window / recompiles", "status"]
-
-
-def attention_rows(results: dict | None) -> list[list[str]]:
-    cases = ((results or {}).get("attention_check") or {}).get("cases", {}) if _measured(results) else {}
-    rows = []
-    for name, backend, flash, padded in ATTENTION_CASES:
-        r = cases.get(name)
-        row = [name, backend, flash or "—", "padded" if padded else "unpadded"]
-        if r is None:
-            rows.append(row + ["not measured"] * 3 + ["not measured"])
-        elif "rel_out" in r:
-            kern = ", ".join(f"`{k[:60]}`" for k in r.get("kernels", [])[:3]) or "—"
-            rows.append(row + [f"{r['rel_out']:.2e}", f"{r['rel_grad']:.2e}", kern, r["status"]])
-        else:
-            why = r.get("reason") or r.get("error", "")
-            rows.append(row + ["not measured"] * 3 + [f"{r['status']}: {why[:120]}".replace("|", "/")])
-    return rows
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
-
-
-def render_block(results: dict | None) -> str:
-    """The generated part of docs/benchmarks.md for `results` (the JSON; None: no JSON)."""
-    lines = [f"<!-- Generated by scripts/gpu_check.py from docs/bench/gpu_check.json; run `{COMMAND}` on a GPU "
-             "machine (or `python scripts/gpu_check.py --render-docs`). -->", ""]
-    if _measured(results):
-        d = results["device"]
-        cap = ".".join(map(str, d.get("capability", [])))
-        lines.append(f"Device: {d['name']} (compute capability {cap}, {d.get('total_memory_gib', 0):.0f} GiB), torch "
-                     f"{d['torch']}, CUDA {d['cuda']}, cuDNN {d.get('cudnn')}; {results.get('date')}, "
-                     f"{results.get('wall_s', 0):.0f} s of a {results.get('budget_s', 0):.0f} s budget. MFU against "
-                     f"{d.get('peak_tflops')} TFLOP/s.")
-    else:
-        lines.append("Device: none. **Not measured**: no GPU was lent to the session that prepared this check, so "
-                     "`docs/bench/gpu_check.json` holds no CUDA measurement and every row below says so.")
-    ac = (results or {}).get("attention_check") if _measured(results) else None
-    lines += ["", "Attention backends against sdpa (forward + backward, relative error = max |x − sdpa| / max "
-              "|sdpa| over the output and the q / k / v gradients" +
-              (f"; tolerance {ac['tolerance']:.2g}, the bf16 floor (sdpa bf16 vs fp32) "
-               f"{max(ac['floor_vs_fp32'].values()):.2e}" if ac and ac.get("floor_vs_fp32") else "") + "):", ""]
-    lines += _table(ATTN_HEADER, attention_rows(results))
-    lines += ["", "Training step (s / step over the measured steps; peaks of the measured window; graphs compiled "
-              "over the variant's run / in its measured window / recompiles in the window):", ""]
-    rows = table_rows(results)
-    lines += _table(STEP_HEADER, rows)
-    if any("†" in r[3] for r in rows):
-        lines += ["", "† the measured window compiled a graph or recompiled: that time includes compilation."]
-    return "\n".join(lines)
-
-
-MARKER = re.compile(rf"(<!-- BEGIN GENERATED: {BLOCK} -->\n)(.*?)(<!-- END GENERATED: {BLOCK} -->)", re.S)
-
-
-def render_docs(md: str, results: dict | None) -> str:
-    if not MARKER.search(md):
-        raise SystemExit(f"no `<!-- BEGIN GENERATED: {BLOCK} -->` / `<!-- END GENERATED: {BLOCK} -->` block")
-    return MARKER.sub(lambda m: m.group(1) + render_block(results) + "\n" + m.group(3), md, count=1)
-
-
-def load_results(path: Path = JSON_PATH) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def update_docs(md_path: Path = DOCS_MD, results: dict | None = None, json_path: Path = JSON_PATH) -> bool:
-    results = load_results(json_path) if results is None else results
-    old = md_path.read_text()
-    new = render_docs(old, results)
-    if new != old:
-        md_path.write_text(new)
-    return new != old
-
-
 def main(argv: list[str] | None = None) -> int:
+    """`--render-docs` / `--check-docs`: the docs table from the JSON, through gpu_report."""
+    import gpu_report as report  # here, not at the top: gpu_report imports this module's definitions
+
     ap = argparse.ArgumentParser(description="Render / check the GPU-check table of docs/benchmarks.md "
                                              "(the check itself: python scripts/bench_train.py --gpu)")
-    ap.add_argument("--json", type=Path, default=JSON_PATH)
-    ap.add_argument("--md", type=Path, default=DOCS_MD)
+    ap.add_argument("--json", type=Path, default=report.JSON_PATH)
+    ap.add_argument("--md", type=Path, default=report.DOCS_MD)
     g = ap.add_mutually_exclusive_group(required=True)
     g.add_argument("--render-docs", action="store_true")
     g.add_argument("--check-docs", action="store_true")
     args = ap.parse_args(argv)
-    results = load_results(args.json)
     if args.check_docs:
-        md = args.md.read_text()
-        if render_docs(md, results) != md:
-            print(f"{args.md}: the {BLOCK} table is stale; run python scripts/gpu_check.py --render-docs",
-                  file=sys.stderr)
-            return 1
-        return 0
-    print(("wrote " if update_docs(args.md, results, args.json) else "up to date: ") + str(args.md))
+        return report.check_docs(args.md, args.json)
+    print(("wrote " if report.update_docs(args.md, json_path=args.json) else "up to date: ") + str(args.md))
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The one-shot GPU check (`scripts/bench_train.py --gpu`, scripts/gpu_check.py) up to where it needs CUDA:
+"""The one-shot GPU check (`scripts/bench_train.py --gpu`, scripts/gpu_check.py; its JSON and docs table:
+scripts/gpu_report.py) up to where it needs CUDA:
 its 12 variants compose and validate against the real Hydra configs, the attention check runs (fp64,
 CPU reference kernels) and catches a wrong backend, the compile counters and the peak window count what
 they claim, a tiny-model rehearsal of the whole run goes through the real Trainer, the docs table is
@@ -22,14 +23,23 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 
-@pytest.fixture(scope="module")
-def gc_mod():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="module")
+def gc_mod():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    return _load("gpu_check")
+
+
+@pytest.fixture(scope="module")
+def report_mod(gc_mod):
+    return _load("gpu_report")  # after gpu_check: it imports gpu_check's definitions
 
 
 # ---------------------------------------------------------------------------------------- variants
@@ -208,7 +218,7 @@ def test_alarm_interrupts_a_variant(gc_mod):
 # ---------------------------------------------------------------------------------------- the rehearsal
 
 
-def test_cpu_rehearsal_through_the_real_trainer(gc_mod, tmp_path):
+def test_cpu_rehearsal_through_the_real_trainer(gc_mod, report_mod, tmp_path):
     """run_check on CPU with the tiny model: 480p (cold: compiles in its warm-up step), then 720p with no
     warm-up reusing those graphs (dynamic sequence dims): the window compiles nothing; a budget skip."""
     import torch.distributed as dist
@@ -240,7 +250,7 @@ def test_cpu_rehearsal_through_the_real_trainer(gc_mod, tmp_path):
     on_disk = json.loads((tmp_path / "r.json").read_text())
     assert on_disk["measured"] is False and on_disk["rehearsal"] and on_disk["device"]["type"] == "cpu"
     assert len(on_disk["variants"]) == 2
-    assert all("not measured" in r[3] for r in gc_mod.table_rows(on_disk))  # a rehearsal is never a number
+    assert all("not measured" in r[3] for r in report_mod.table_rows(on_disk))  # a rehearsal is never a number
     (s,) = skipped["variants"]
     assert s["status"] == "skipped" and "time budget" in s["reason"]
 
@@ -273,8 +283,8 @@ def _row(rows, clip, ac, backend):
     return row
 
 
-def test_table_rows_from_the_json(gc_mod):
-    rows = gc_mod.table_rows(_fixture())
+def test_table_rows_from_the_json(report_mod):
+    rows = report_mod.table_rows(_fixture())
     assert len(rows) == 12
     assert _row(rows, "81 × 480 × 832", "full", "sdpa") == [
         "81 × 480 × 832", "full", "sdpa", "3.210", "36.4 %", "45.1", "52.5", "7 / 0 / 0", "ok (2 of 3 steps)"]
@@ -289,17 +299,17 @@ def test_table_rows_from_the_json(gc_mod):
                        "1 / 1 / 1"}  # nothing but the fixture's measurements
 
 
-def test_unmeasured_json_renders_no_number(gc_mod):
+def test_unmeasured_json_renders_no_number(report_mod):
     for results in (None, _fixture(measured=False), {**_fixture(), "device": {"type": "cpu", "name": "cpu"}}):
-        block = gc_mod.render_block(results)
+        block = report_mod.render_block(results)
         assert "3.210" not in block and "45.1" not in block and "0.0061" not in block
         assert "Device: none. **Not measured**" in block
-        rows = gc_mod.table_rows(results) + gc_mod.attention_rows(results)
+        rows = report_mod.table_rows(results) + report_mod.attention_rows(results)
         assert all(set(r[3:7]) <= {"not measured", "padded", "unpadded"} for r in rows)
 
 
-def test_render_block_and_docs(gc_mod):
-    block = gc_mod.render_block(_fixture())
+def test_render_block_and_docs(report_mod):
+    block = report_mod.render_block(_fixture())
     assert "Device: NVIDIA H100 80GB HBM3 (compute capability 9.0, 79 GiB), torch 2.13.0+cu130, CUDA 13.0" in block
     assert "| flex | flex | — | padded | 6.10e-03 | 1.23e-02 | `triton_tem_fused_0` | ok |" in block
     assert "| sdpa+fa3 unpadded | sdpa | fa3 | unpadded | not measured | not measured | not measured | skipped: " \
@@ -307,17 +317,17 @@ def test_render_block_and_docs(gc_mod):
     assert "| varlen | varlen | — | padded | not measured |" in block  # absent case
     assert "† the measured window compiled" in block
     md = "intro\n<!-- BEGIN GENERATED: gpu-check -->\nold\n<!-- END GENERATED: gpu-check -->\nafter\n"
-    out = gc_mod.render_docs(md, _fixture())
+    out = report_mod.render_docs(md, _fixture())
     assert out.startswith("intro\n<!-- BEGIN GENERATED: gpu-check -->\n<!-- Generated by") and out.endswith(
         "<!-- END GENERATED: gpu-check -->\nafter\n") and "old" not in out
-    assert gc_mod.render_docs(out, _fixture()) == out
+    assert report_mod.render_docs(out, _fixture()) == out
     with pytest.raises(SystemExit, match="gpu-check"):
-        gc_mod.render_docs("no block", None)
+        report_mod.render_docs("no block", None)
 
 
-def test_docs_table_is_current(gc_mod):
-    md = gc_mod.DOCS_MD.read_text()
-    assert gc_mod.render_docs(md, gc_mod.load_results()) == md, "run python scripts/gpu_check.py --render-docs"
+def test_docs_table_is_current(report_mod):
+    md = report_mod.DOCS_MD.read_text()
+    assert report_mod.render_docs(md, report_mod.load_results()) == md, "run python scripts/gpu_check.py --render-docs"
 
 
 # ---------------------------------------------------------------------------------------- the command
