@@ -95,7 +95,7 @@ TRAINER_EVENT_VALUES = ("world_size", "total_steps", "ac_blocks", "compile", "cp
                         "skipped", "bad_in_a_row", "rank")
 # their other log_event values: text, lists, tuples (events.jsonl only: log_event sends numbers to W&B)
 TRAINER_EVENT_TEXT = ("resumed_from", "notes", "routing", "weights", "traceback", "ac", "param_dtype", "reduce_dtype",
-                      "mesh")
+                      "mesh", "compile_backend")
 
 # ---------------------------------------------------------------- validation videos
 T2V_NAME = "t2v_{i:02d}"  # sampling.build_requests' request names: t2v_00, t2v_01, ... then i2v_00

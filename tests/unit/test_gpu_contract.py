@@ -100,8 +100,9 @@ def _batch(case: dict, crop: int) -> Batch:
     lengths = (5, 8) if case["text"] == "padded" else (8, 8)
     mask = torch.arange(8)[None] < torch.tensor(lengths)[:, None]  # (B, T)
     clip = torch.rand(2, 3, 9, 64, 96, generator=g) * 2 - 1  # 9 frames -> 3 latent frames
-    return Batch(latents=torch.randn(2, 16, 3, 8, 12, generator=g), text=torch.randn(2, 8, 32, generator=g) * mask[..., None],
-                 text_mask=mask, image_embeds=torch.randn(2, 5, 24, generator=g) if case["task"] == "i2v" else None,
+    text = torch.randn(2, 8, 32, generator=g) * mask[..., None]
+    image = torch.randn(2, 5, 24, generator=g) if case["task"] == "i2v" else None
+    return Batch(latents=torch.randn(2, 16, 3, 8, 12, generator=g), text=text, text_mask=mask, image_embeds=image,
                  teacher_pixels=teacher_pixels(clip, crop) if case["repa"] else None, keys=("a", "b"))
 
 
