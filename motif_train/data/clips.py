@@ -9,8 +9,10 @@ Used by the unit tests, the demo and the preprocessing tests in place of real fo
 Both can include deliberately broken samples (a truncated mp4, an empty caption, a zero-byte mp4) so
 that the preprocessing can be tested to skip them. Pixels are a pure function of the `ClipSpec`
 (seed included); the mp4 bytes come from libx264 (mpeg4 when libx264 is not built into PyAV), run on
-one thread, so for one encoder build they are a pure function of the frames. Another PyAV/FFmpeg
-build may encode different bytes: tests compare decoded frames across builds, never bytes.
+one thread. They are not always a pure function of the frames (on some machines an encode depends on
+what the process encoded before), and another PyAV/FFmpeg build encodes other bytes: tests compare
+decoded frames, or share one encode's bytes (`write_video2dataset_tars(mp4_from=...)`), never two
+encodes' bytes.
 """
 
 from __future__ import annotations
@@ -254,15 +256,22 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_video2dataset_tars(out_dir: str | Path, specs: list[ClipSpec] | None = None, *, per_tar: int = 5,
-                             broken: bool = True) -> list[Path]:
+                             broken: bool = True, mp4_from: str | Path | None = None) -> list[Path]:
     """The same clips as WebDataset tars `00000.tar`, ... (`<key>.mp4/.txt/.json` members, `per_tar` samples
-    each); with `broken` the truncated and empty-caption samples go into the last tar. Byte-deterministic."""
+    each); with `broken` the truncated and empty-caption samples go into the last tar.
+
+    `mp4_from`: a folder `write_clip_folder` wrote for the same specs; its `<key>.mp4` bytes go into the tars
+    instead of a fresh encode, so the two inputs differ in container only. (x264 is not byte-stable across
+    encodes in one process on every machine: measured here, 5 of 12 clips came out with other bytes when
+    encoded again after other clips, so a folder-vs-tar comparison must share the bytes.)"""
     if per_tar < 1:
         raise ValueError("per_tar must be >= 1")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     specs = default_specs() if specs is None else specs
     samples = [s for s in _samples(specs, broken) if s[0].key != BROKEN_KEYS["zero_bytes"]]
+    if mp4_from is not None:
+        samples = [(spec, (Path(mp4_from) / f"{spec.key}.mp4").read_bytes()) for spec, _ in samples]
     good = samples[: len(specs)]
     shards = [good[i: i + per_tar] for i in range(0, len(good), per_tar)] or [[]]
     shards[-1] = shards[-1] + samples[len(specs):]

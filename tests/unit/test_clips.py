@@ -41,8 +41,8 @@ def folder(specs, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tars(specs, tmp_path_factory):
-    return write_video2dataset_tars(tmp_path_factory.mktemp("v2d"), specs, per_tar=5)
+def tars(specs, folder, tmp_path_factory):
+    return write_video2dataset_tars(tmp_path_factory.mktemp("v2d"), specs, per_tar=5, mp4_from=folder[0])
 
 
 def test_default_specs_are_varied(specs):
@@ -168,12 +168,16 @@ def test_tars(specs, tars, folder):
 
 
 def test_tars_without_broken_and_determinism(specs, tmp_path):
-    a = write_video2dataset_tars(tmp_path / "a", specs[:3], per_tar=2, broken=False)
-    b = write_video2dataset_tars(tmp_path / "b", specs[:3], per_tar=2, broken=False)
+    """The tar layout is byte-deterministic given the mp4 bytes (mp4_from shares one encode's bytes:
+    x264 itself is not byte-stable across encodes on every machine)."""
+    folder = write_clip_folder(tmp_path / "clips", specs[:3], broken=False)
+    a = write_video2dataset_tars(tmp_path / "a", specs[:3], per_tar=2, broken=False, mp4_from=tmp_path / "clips")
+    b = write_video2dataset_tars(tmp_path / "b", specs[:3], per_tar=2, broken=False, mp4_from=tmp_path / "clips")
     assert [p.name for p in a] == ["00000.tar", "00001.tar"]
     assert all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b, strict=True))  # byte-identical shards
     with tarfile.open(a[-1]) as tf:
         assert tf.getnames() == [f"{specs[2].key}.{e}" for e in ("mp4", "txt", "json")]
+        assert tf.extractfile(f"{specs[2].key}.mp4").read() == folder["clips"][2].read_bytes()
 
 
 def test_mp4_bytes_do_not_depend_on_cpu_affinity(tmp_path):

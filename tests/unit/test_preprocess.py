@@ -198,14 +198,14 @@ def test_fps_resampling(env, tmp_path):
 
 
 def test_tar_input_gives_the_same_samples(env, clean, tmp_path):
-    tars = write_video2dataset_tars(tmp_path / "v2d", SPECS, per_tar=3, broken=True)
+    tars = write_video2dataset_tars(tmp_path / "v2d", SPECS, per_tar=3, broken=True, mp4_from=env["clips"])
     m = _run(env, tmp_path / "o", inputs=[str(tmp_path / "v2d" / "*.tar")])
     assert len(tars) == 3
     a, b = _samples(clean[0], clean[1]), _samples(tmp_path / "o", m)
     assert sorted(a) == sorted(b) == GOOD
     for k in GOOD:
         for field in ("latents", "text", "image", "teacher"):
-            np.testing.assert_array_equal(a[k][field], b[k][field])
+            np.testing.assert_array_equal(a[k][field], b[k][field], err_msg=f"{k} {field}")
         assert b[k]["meta"]["source"].endswith(f".tar::{k}.mp4")
     reasons = {r["source"].split("::")[1]: r["reason"] for r in map(json.loads, (tmp_path / "o/failures.jsonl").open())}
     assert reasons["short.mp4"] == "too_short" and reasons[f"{BROKEN_KEYS['empty_caption']}.mp4"] == "empty_caption"
