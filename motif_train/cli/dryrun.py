@@ -196,6 +196,9 @@ def trainer_config(cfg: TrainConfig) -> TrainConfig:
     c.train.dry_run = True
     c.train.device = "cpu"
     c.train.stop_at = 1
+    # flex / varlen cannot run a real step on a CPU; the trainer phase checks the build, mesh and plan, and
+    # phase 3 traces the configured kernel's memory on fake tensors (its fake kernels).
+    c.model.attention_backend, c.model.flash_impl = "sdpa", None
     c.parallel.compile = False  # a compile of the 2B blocks on a CPU takes minutes and changes no shape
     c.checkpoint.async_mode = "sync"  # async saves create gloo groups, which cannot form over a fake store
     c.logger.wandb = False
@@ -283,6 +286,10 @@ class FakeModel:
 
         config = cfg.model.dit_config()
         config.routing = RoutingConfig(ratio=0.0)
+        # FSDPMemTracker has no rule for flex's higher-order op: flex is traced as sdpa, which saves the same
+        # (out, logsumexp) per attention. varlen runs its own fake kernel (+ its packed K / V copies).
+        self.traced_backend = "sdpa" if config.attention_backend == "flex" else config.attention_backend
+        config.attention_backend, config.flash_impl = self.traced_backend, None
         pcfg = dataclasses.replace(cfg.parallel, compile=False)
         # The dtype of the run's device: a dry run stands in for a GPU run unless the run is a CPU one.
         device = torch.device("cpu" if cfg.train.device == "cpu" else "cuda")
@@ -324,7 +331,11 @@ class FakeModel:
         c = self.config
         self.model.set_routing(routing)
         self.model.train()
-        with self.mode:
+        from motif_train.models.kernel_reference import cpu_reference_kernels
+
+        # varlen=False: varlen's own fake kernel; flex's CPU-only front-end guard lifted (fake tensors here
+        # stand in for a GPU step, where flex has its backward).
+        with self.mode, cpu_reference_kernels(varlen=False):
             x = torch.randn(batch, c.in_channels, *latent)  # cat(x_t, cond, mask), fp32 as the objective builds it
             target = torch.randn(batch, c.out_channels, *latent)
             t = torch.rand(batch) * 1000
@@ -425,6 +436,7 @@ def run(cfg: TrainConfig, *, rank: int | None = None, trainer: bool = True, step
         report.update(rank=rank, mesh=list(mesh.shape), mesh_dims=list(mesh.mesh_dim_names),
                       shard_coordinate=[int(c) for c in mesh.get_coordinate()], ac=cfg.parallel.ac,
                       ac_every=cfg.parallel.ac_every, param_dtype=fake.param_dtype,
+                      attention_backend=cfg.model.attention_backend, traced_backend=fake.traced_backend,
                       gpu_memory_gib=cfg.parallel.gpu_memory_gib, mfu=MEASURED_MFU, mfu_source=MFU_SOURCE,
                       peak_tflops=PEAK_TFLOPS, text_tokens=text_tokens(cfg), image_tokens=image_tokens(cfg),
                       teacher_source=teacher_src, state_gib=analytic_state_gib(fake, cfg), shards=fake.shards())

@@ -143,3 +143,14 @@ def test_motif_train_refuses_a_dry_run(tmp_path):
     cfg = _cfg(tmp_path)
     with pytest.raises(ValueError, match="motif-dryrun"):
         validate(cfg, world_size=1, local_world_size=1)
+
+
+@pytest.mark.parametrize("backend, traced", [("flex", "sdpa"), ("varlen", "varlen")])
+def test_gpu_only_backends_dry_run(tmp_path, backend, traced):
+    """A run configured for flex / varlen (CUDA only) is still dry-run on a CPU: the trainer phase builds with
+    sdpa, the memory phase traces varlen's own fake kernel and flex as sdpa (FSDPMemTracker has no rule
+    for flex's higher-order op; both save out + logsumexp), and the report says which was traced."""
+    cfg = _cfg(tmp_path, f"model.attention_backend={backend}")
+    rep = dryrun.run(cfg, trainer=True, step=False, stages=[1])
+    assert rep["attention_backend"] == backend and rep["traced_backend"] == traced
+    assert rep["trainer"]["built"] and rep["steps"] and all(s["memory_gib"]["peak"] > 0 for s in rep["steps"])
