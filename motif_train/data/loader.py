@@ -54,15 +54,8 @@ from .curriculum import StageConfig
 from .plan import Plan, build_plan, replan, sample_ids_by_bucket
 from .rank_plan import RankPlan
 from .sample_index import FIELDS, SampleIndex
-from .shards import (
-    MANIFEST_NAME,
-    CorruptSample,
-    bucket_name,
-    check_image_tokens,
-    decode_sample,
-    load_manifest,
-    teacher_from_uint8,
-)
+from .shard_format import MANIFEST_NAME, CorruptSample
+from .shards import bucket_name, check_image_tokens, decode_sample, load_manifest, teacher_from_uint8
 from .tar_index import DataIOError, Files, TarIndex, io_error
 
 __all__ = ["DataIOError", "ShardDataConfig", "ShardSource", "collate", "collate_micro"]

@@ -30,8 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .shards import MANIFEST_NAME, MANIFEST_VERSION, parse_index
-from .tar_index import member_key
+from motif_train.utils import write_atomic
+
+from .shard_format import MANIFEST_NAME, MANIFEST_VERSION, member_key, parse_index
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +128,6 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
 
 def write_sample_index(root: str | Path, manifest: Mapping) -> Path:
     """Write `<root>/sample_index/` for the manifest just saved as `<root>/manifest.json` (module doc)."""
-    from motif_train.utils import write_atomic
-
     root = Path(root)
     out = root / SAMPLE_INDEX_DIR
     out.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,9 @@ manifest version is unchanged and such manifests still load), or whose index doe
 `index_crc`, is indexed by a tolerant walk of its 512-byte tar headers instead: no checksums then,
 only the decode checks below. `decode_sample` also rejects non-finite float arrays (NaN/Inf), so
 flipped bytes that keep a valid `.npy` header are caught even without a checksum.
+
+The names every data module shares (file names and versions, `CorruptSample`, `parse_index`, `index_name`,
+`member_key`) live in `shard_format.py`, below this module and the sample index; they are re-exported here.
 """
 
 from __future__ import annotations
@@ -59,15 +62,23 @@ import numpy as np
 
 from motif_train.utils import write_atomic
 
+from .sample_index import write_sample_index
+from .shard_format import (
+    EMPTY_PROMPT_NAME,
+    FAILURES_NAME,
+    INDEX_SUFFIX,
+    INDEX_VERSION,
+    MANIFEST_NAME,
+    MANIFEST_VERSION,
+    SHARDS_DIR,
+    CorruptSample,
+    index_name,
+    member_key,
+    parse_index,
+)
+
 PathLike = str | Path
 
-MANIFEST_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-EMPTY_PROMPT_NAME = "empty_prompt.npy"
-FAILURES_NAME = "failures.jsonl"
-SHARDS_DIR = "shards"
-INDEX_SUFFIX = ".idx.json"  # <shard>.tar.idx.json: member offsets, sizes and crc32 (module doc)
-INDEX_VERSION = 1
 # Tar member suffixes (webdataset "extensions") of one sample.
 ARRAY_FIELDS = ("latents", "text", "image", "teacher")
 REQUIRED_FIELDS = ("latents", "text")
@@ -80,6 +91,9 @@ __all__ = [
     "check_image_tokens", "count_image_samples", "encode_sample", "index_entry", "index_keys", "latent_shape",
     "load_manifest", "merge_manifests", "parse_bucket", "parse_index", "save_manifest", "shard_name", "validate_bucket",
     "video_tokens",
+    # the on-disk names, defined in shard_format.py and re-exported here
+    "EMPTY_PROMPT_NAME", "FAILURES_NAME", "INDEX_SUFFIX", "INDEX_VERSION", "MANIFEST_NAME", "SHARDS_DIR", "index_name",
+    "member_key",
 ]
 
 
@@ -141,17 +155,6 @@ def parse_shard_name(path: PathLike) -> tuple[str, int, int] | None:
 
 
 # ------------------------------------------------------------------------------- samples
-
-
-class CorruptSample(ValueError):
-    """A sample is missing a member, has unreadable bytes, or its arrays disagree with its meta.
-
-    `CorruptSample(key, field, problem)` (attributes `key`, `field`) or `CorruptSample(message)`.
-    """
-
-    def __init__(self, key: str, field: str | None = None, problem: str | None = None):
-        self.key, self.field = (key, field) if field is not None else (None, None)
-        super().__init__(key if field is None else f"corrupt sample {key!r}: field {field!r}: {problem}")
 
 
 def npy_bytes(arr: np.ndarray) -> bytes:
@@ -318,36 +321,16 @@ def read_tar_keys(path: PathLike) -> list[str]:
     keys: list[str] = []
     with tarfile.open(path, "r:") as tf:
         for m in tf:
-            k = m.name.split(".", 1)[0]
+            k = member_key(m.name)
             if m.isfile() and (not keys or keys[-1] != k):
                 keys.append(k)
     return keys
 
 
-def index_name(shard: str) -> str:
-    """Relative path of a shard's member index: `<shard>.tar` + INDEX_SUFFIX."""
-    return shard + INDEX_SUFFIX
-
-
-def parse_index(data: bytes) -> tuple[int, dict[str, tuple[int, int, int]]]:
-    """Bytes of a `<shard>.tar.idx.json` -> (tar_bytes, {member name: (data offset, size, crc32)});
-    ValueError when it is not a valid index."""
-    idx = json.loads(bytes(data).decode("utf-8"))
-    if not isinstance(idx, dict) or idx.get("version") != INDEX_VERSION:
-        raise ValueError(f"not a shard index of version {INDEX_VERSION}")
-    members: dict[str, tuple[int, int, int]] = {}
-    for row in idx["members"]:
-        name, off, size, crc = row
-        if not (isinstance(name, str) and all(isinstance(v, int) and v >= 0 for v in (off, size, crc))):
-            raise ValueError(f"bad index row {row!r}")
-        members[name] = (off, size, crc)
-    return int(idx["tar_bytes"]), members
-
-
 def index_keys(path: PathLike) -> list[str]:
     """Sample keys of a shard in tar order, from its `<shard>.tar.idx.json` (no tar header is read)."""
     _, members = parse_index(Path(path).read_bytes())
-    return list(dict.fromkeys(name.split(".", 1)[0] for name in members))
+    return list(dict.fromkeys(member_key(name) for name in members))
 
 
 def index_entry(root: PathLike, shard: str) -> dict:
@@ -641,8 +624,6 @@ def save_manifest(root: PathLike, manifest: Mapping, *, sample_index: bool = Tru
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(manifest, indent=1) + "\n")
     if sample_index and "shards" in manifest:
-        from .sample_index import write_sample_index  # it imports this module
-
         write_sample_index(root, manifest)
     return path
 

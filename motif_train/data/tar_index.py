@@ -1,7 +1,7 @@
 """File access for the shard loader: a bounded set of open tars with retried reads, and the per-shard member
 index (name -> offset, size, crc32) for shards the consolidated sample index cannot serve.
 
-A shard's member index is its `<shard>.tar.idx.json` (format in shards.py) or, for a shard without a usable
+A shard's member index is its `<shard>.tar.idx.json` (format in shard_format.py) or, for a shard without a usable
 one (datasets from before it), a tolerant walk over its 512-byte tar headers: stdlib `tarfile` gives up on
 the whole archive at the first truncated member, this walk loses only the samples around the damage.
 
@@ -18,7 +18,7 @@ import zlib
 from collections import OrderedDict
 from pathlib import Path
 
-from .shards import CorruptSample, parse_index
+from .shard_format import CorruptSample, member_key, parse_index
 
 
 class DataIOError(OSError):
@@ -143,10 +143,6 @@ def _resync(files: Files, path: Path, pos: int, size: int) -> int | None:
             return None
         pos += chunk - _BLOCK  # overlap one block: a header across the chunk boundary is seen whole
     return None
-
-
-def member_key(name: str) -> str:
-    return name.split(".", 1)[0]  # as webdataset and `read_tar_keys`
 
 
 class TarIndex:
