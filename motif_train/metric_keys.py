@@ -11,6 +11,8 @@ Two name spaces:
   `sigma_q<i>`, the trainer's extras as passed);
 * the W&B WINDOW names `MetricsLogger.flush` logs once per `logger.log_every` steps (means of the
   losses, rates, MFU, peak memory, the last LR / stage), `window_key` mapping an extra's raw name;
+  the keys the logger derives itself (`DERIVED_KEYS`: progress / ETA, predicted step time) carry the
+  same name in a step record and in a window;
   events (`log_event`) add `event/<value>` or a slashed value name as is; validation videos are
   `val/<request name>`.
 
@@ -74,15 +76,35 @@ PERF_MFU = "perf/mfu"  # absent where the device's peak is unknown (CPU without 
 PERF_TEACHER_FLOPS_SHARE = "perf/teacher_flops_share"
 PERF_DATA_WAIT = "perf/data_wait"  # fraction of the window's step time spent waiting for data
 PERF_STEP_TIME = "perf/step_time"  # mean seconds per step
+# the FLOP model's seconds per step (distributed/cost.predicted_step_s: model FLOPs per rank / (peak x the
+# measured MFU), motif-dryrun's figure); absent, like MFU, where the device's peak is unknown
+PERF_PREDICTED_STEP_S = "perf/predicted_step_s"
+PERF_STEP_TIME_REL_ERROR = "perf/step_time_rel_error"  # measured / predicted s/step - 1 (+0.1: 10 % slower)
 MEM_PEAK_GIB = "mem/peak_gib"  # CUDA max allocated over the window (CPU: process max RSS)
 SCHED_LR = "sched/lr"
 OPTIM_GRAD_NORM = "optim/grad_norm"
 CURRICULUM_STAGE = "curriculum/stage"  # the window's last stage; also a stage event's value
 
+# ---------------------------------------------------------------- progress (a step record's and its window's)
+# where the run is (the trainer's global step of train.steps; the step within its curriculum stage) and the
+# ETA from the measured s/step (metrics.Progress); logged when the logger is given the run's ProgressPlan
+PROGRESS_STEP_OF_RUN = "progress/step_of_run"  # the global step, 1..run_steps (continues across a resume)
+PROGRESS_RUN_STEPS = "progress/run_steps"  # the run's total: train.steps or the sum of the stages' steps
+PROGRESS_STAGE_STEP = "progress/stage_step"  # the step within its stage, 1..stage_steps (1 again at a new stage)
+PROGRESS_STAGE_STEPS = "progress/stage_steps"  # the stage's steps in this run (the last stage runs on to the end)
+PROGRESS_ETA_STAGE_S = "progress/eta_stage_s"  # seconds of step time left in the stage (0 at its last step)
+PROGRESS_ETA_RUN_S = "progress/eta_run_s"  # seconds of step time left in the run (>= eta_stage_s, 0 at the end)
+PROGRESS_KEYS = (PROGRESS_STEP_OF_RUN, PROGRESS_RUN_STEPS, PROGRESS_STAGE_STEP, PROGRESS_STAGE_STEPS,
+                 PROGRESS_ETA_STAGE_S, PROGRESS_ETA_RUN_S)
+PREDICTION_KEYS = (PERF_PREDICTED_STEP_S, PERF_STEP_TIME_REL_ERROR)
+# what MetricsLogger adds to a step record itself (not passed to log_step): never averaged as an extra; a
+# window logs its own value (progress: its last step's; prediction: the window's FLOPs and step time)
+DERIVED_KEYS = frozenset({*PROGRESS_KEYS, *PREDICTION_KEYS})
+
 PERF_KEYS = (PERF_SAMPLES_PER_S, PERF_TOKENS_PER_S, PERF_FLOPS_PER_S, PERF_MFU, PERF_TEACHER_FLOPS_SHARE,
-             PERF_DATA_WAIT, PERF_STEP_TIME)
+             PERF_DATA_WAIT, PERF_STEP_TIME, *PREDICTION_KEYS)
 # every key a window logs besides the losses and the extras, in the order flush() builds them
-WINDOW_KEYS = (*PERF_KEYS, MEM_PEAK_GIB, SCHED_LR, OPTIM_GRAD_NORM, CURRICULUM_STAGE)
+WINDOW_KEYS = (*PERF_KEYS, MEM_PEAK_GIB, SCHED_LR, OPTIM_GRAD_NORM, CURRICULUM_STAGE, *PROGRESS_KEYS)
 
 # ---------------------------------------------------------------- the trainer's extras and events
 TRAIN_SKIPPED_STEPS = "train/skipped_steps"  # non-finite steps skipped so far (a running count)

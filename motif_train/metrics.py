@@ -10,7 +10,14 @@ exactly as passed (floats are written by `json.dumps`, i.e. repr-exact):
 
     {"step": int, "stage": int, "loss/<term>": float, ..., "grad_norm": float, "lr": float,
      "samples": int, "tokens": int, "flops": float, "teacher_flops": float, "step_time": float,
-     "data_wait": float, "<extra key>": float, ...}
+     "data_wait": float, "<extra key>": float, ...,
+     "perf/predicted_step_s": float, "perf/step_time_rel_error": float,   # with a known device peak
+     "progress/step_of_run": int, ..., "progress/eta_run_s": float}       # with a ProgressPlan
+
+followed by the values the logger derives itself (`metric_keys.DERIVED_KEYS`): the FLOP model's
+predicted s/step of the step (its model FLOPs per rank at `distributed/cost.MEASURED_MFU` of the
+peak) and the measured time's relative error to it, and the progress keys (`Progress`: step of the
+run and of its stage, the stage's and the run's ETA as estimated at that step).
 
 `flops` are the model's FLOPs (forward + backward) of what each micro-batch ran (its task's
 SigLIP tokens, route, REPA head); `teacher_flops` the frozen REPA teacher's forward, which is
@@ -30,7 +37,11 @@ line. A failing write (local or sync) never stops training: it warns once, keeps
 memory if the local copy is unusable, and the next sync tries again.
 
 MFU = window model FLOPs/s / (peak_tflops * 1e12 * world_size), against the spec dense bf16 peak;
-`perf/teacher_flops_share` = teacher / (model + teacher) FLOPs of the window.
+`perf/teacher_flops_share` = teacher / (model + teacher) FLOPs of the window. A window's
+`perf/predicted_step_s` = `cost.predicted_step_s`(its model FLOPs per step and rank), beside the
+measured `perf/step_time`; both prediction keys, like MFU, only where the peak is known (said once on
+the console otherwise). Progress and ETA are computed at the flush from the step times already read
+there (`Progress`), so they add no device read.
 This module must never import the trainer.
 """
 
@@ -42,12 +53,14 @@ import math
 import os
 import resource
 import secrets
+import statistics
 import string
 import sys
 import tempfile
 import time
 import warnings
-from collections import defaultdict
+from collections import defaultdict, deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,17 +156,162 @@ def _fmt_count(x: float) -> str:
     return f"{x / div:.1f}{suffix}"
 
 
+def _fmt_duration(seconds: float) -> str:
+    """42s, 12m05s, 8h26m, 1d10h (two units at most); n/a when not finite."""
+    if not math.isfinite(seconds):
+        return "n/a"
+    s = max(0, round(seconds))
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    if d:
+        return f"{d}d{h:02d}h"
+    if h:
+        return f"{h}h{m:02d}m"
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+# the ETA's s/step: the median of the means of the stage's last ETA_WINDOWS logged windows
+ETA_WINDOWS = 5
+
+
+@dataclass(frozen=True)
+class ProgressPlan:
+    """The run's steps, for the progress / ETA keys (`MetricsLogger(progress=...)`).
+
+    `total_steps`: train.steps, or the sum of the curriculum's stage steps. `bounds`: per stage the run
+    reaches, its (first, last) global step, 1-based and inclusive (the last stage runs on to
+    `total_steps`; a stage that starts after it is not in the plan). `step_flops`: per stage, the
+    predicted model FLOPs of one optimizer step (`step_stats.stage_step_flops`), used as a relative cost
+    for stages not measured yet; None where unknown."""
+
+    total_steps: int
+    bounds: tuple[tuple[int, int], ...]
+    step_flops: tuple[float | None, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.total_steps < 1 or not self.bounds:
+            raise ValueError(f"ProgressPlan: total_steps={self.total_steps}, bounds={self.bounds}: need >= 1 step")
+        if not self.step_flops:
+            object.__setattr__(self, "step_flops", (None,) * len(self.bounds))
+        if len(self.step_flops) != len(self.bounds):
+            raise ValueError(f"ProgressPlan: {len(self.step_flops)} step_flops for {len(self.bounds)} stages")
+
+    @classmethod
+    def from_curriculum(cls, ends: Sequence[int], total_steps: int,
+                        step_flops: Sequence[float | None] | None = None) -> ProgressPlan:
+        """From `Curriculum.ends` (each stage's configured last step) as the trainer runs them: stage i
+        starts after stage i-1's end, the last one runs on to `total_steps`, and the run may end
+        (train.steps) inside an earlier stage."""
+        bounds: list[tuple[int, int]] = []
+        start = 1
+        for i, end in enumerate(ends):
+            if start > total_steps:
+                break
+            bounds.append((start, total_steps if i == len(ends) - 1 else min(int(end), total_steps)))
+            start = int(end) + 1
+        flops = tuple(step_flops[:len(bounds)]) if step_flops else ()
+        return cls(int(total_steps), tuple(bounds), flops)
+
+    def stage_of(self, step: int) -> int:
+        """The stage of a global step, as `Curriculum.index_at` (past the end: the last stage)."""
+        return next((i for i, (_, last) in enumerate(self.bounds) if step <= last), len(self.bounds) - 1)
+
+
+class Progress:
+    """Step of the run and of its stage, and the ETAs, from host numbers only (each step's `step_time`,
+    already read at the flush): nothing here touches the device.
+
+    s/step of a stage = the median of the means of its last `windows` logged windows (`close_window`
+    at each console / W&B window; the open one counts as one), over the steps THIS process ran in that
+    stage. The first of them is left out (warm-up: torch.compile, the allocator, the loader's first
+    batches; a new stage and a resumed process both start with one) and used only while it is the
+    stage's one measurement. A resumed run's logger is a new one, so its ETA starts from its own steps.
+
+    ETA stage = the stage's steps left x its s/step. ETA run = that + each later stage's steps x its
+    estimate: its own s/step if measured, else the current stage's s/step x (its predicted FLOPs per
+    step / the current stage's, `ProgressPlan.step_flops`), i.e. the FLOP model's predicted step time
+    ratio with the current stage's measured error carried over; the current s/step where a figure is
+    missing. Step time only: checkpoint saves, validation and start-up are not in it."""
+
+    def __init__(self, plan: ProgressPlan, windows: int = ETA_WINDOWS) -> None:
+        if windows < 1:
+            raise ValueError(f"Progress: windows={windows} must be >= 1")
+        self.plan, self.windows = plan, windows
+        self._warmup: dict[int, float] = {}  # per stage: the first step this process ran in it
+        self._open: dict[int, list[float]] = {}  # per stage: the open window's step times (warm-up excluded)
+        self._closed: dict[int, deque[float]] = {}  # per stage: the last `windows` closed windows' means
+
+    def add(self, step: int, step_time: float) -> dict[str, float]:
+        """Record one step's time; returns its progress values (`at(step)`)."""
+        i, t = self.plan.stage_of(step), float(step_time)
+        if math.isfinite(t) and t >= 0:
+            if i not in self._warmup:
+                self._warmup[i] = t
+            else:
+                self._open.setdefault(i, []).append(t)
+        return self.at(step)
+
+    def close_window(self) -> None:
+        """End of a logged window: each stage's open step times become one window mean."""
+        for i, times in self._open.items():
+            if times:
+                self._closed.setdefault(i, deque(maxlen=self.windows)).append(sum(times) / len(times))
+                times.clear()
+
+    def sec_per_step(self, stage: int) -> float | None:
+        """The stage's measured s/step estimate, or None before any step of it ran here."""
+        means = list(self._closed.get(stage, ()))
+        times = self._open.get(stage)
+        if times:
+            means.append(sum(times) / len(times))
+        if means:
+            return statistics.median(means[-self.windows:])
+        return self._warmup.get(stage)
+
+    def _later(self, cur: int, j: int, est: float) -> float:
+        own = self.sec_per_step(j)
+        if own is not None:
+            return own
+        f_cur, f_j = self.plan.step_flops[cur], self.plan.step_flops[j]
+        return est * f_j / f_cur if f_cur and f_j and f_cur > 0 and f_j > 0 else est
+
+    def at(self, step: int) -> dict[str, float]:
+        """The progress keys at `step` with the estimates as they stand (NaN ETAs before any measurement)."""
+        i = self.plan.stage_of(step)
+        first, last = self.plan.bounds[i]
+        est = self.sec_per_step(i)
+        if est is None:
+            eta_stage = eta_run = math.nan
+        else:
+            eta_stage = max(last - step, 0) * est
+            eta_run = eta_stage + sum((b - a + 1) * self._later(i, j, est)
+                                      for j, (a, b) in enumerate(self.plan.bounds) if j > i)
+        return {mk.PROGRESS_STEP_OF_RUN: int(step), mk.PROGRESS_RUN_STEPS: self.plan.total_steps,
+                mk.PROGRESS_STAGE_STEP: int(step) - first + 1, mk.PROGRESS_STAGE_STEPS: last - first + 1,
+                mk.PROGRESS_ETA_STAGE_S: eta_stage, mk.PROGRESS_ETA_RUN_S: eta_run}
+
+
 class MetricsLogger:
     """Console + W&B + metrics.jsonl on rank 0; a cheap no-op on every other rank."""
 
     def __init__(self, cfg: LoggerConfig, run_dir: str | Path, *, rank: int, world_size: int,
-                 device: torch.device, run_name: str, config: dict | None = None, resume_step: int = 0):
+                 device: torch.device, run_name: str, config: dict | None = None, resume_step: int = 0,
+                 progress: ProgressPlan | None = None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
         self.run_name, self.resume_step = run_name, resume_step
         self.peak = peak_tflops(self.device, cfg.peak_tflops)
         self.is_main = rank == 0
+        # progress / ETA keys (with the run's plan; a resumed process starts its estimates afresh)
+        self.progress = Progress(progress) if progress is not None and self.is_main else None
+        self._predict: Callable[[float], float] | None = None  # model FLOPs per rank of a step -> s
+        if self.peak and self.is_main:
+            from motif_train.distributed.cost import predicted_step_s  # cost imports this module
+
+            peak = self.peak
+            self._predict = lambda flops: predicted_step_s(flops, peak_tflops=peak)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.events_path = self.run_dir / "events.jsonl"
         self.console = Console(soft_wrap=True, highlight=False)
@@ -246,6 +404,13 @@ class MetricsLogger:
                     mk.STEP_TIME: float(step_time), mk.DATA_WAIT: float(data_wait)})
         for k, v in (extra or {}).items():
             rec[k] = float(v)
+        if self._predict is not None:
+            pred = self._predict(float(flops) / self.world_size)
+            rec[mk.PERF_PREDICTED_STEP_S] = pred
+            if pred > 0:
+                rec[mk.PERF_STEP_TIME_REL_ERROR] = float(step_time) / pred - 1
+        if self.progress is not None:
+            rec.update(self.progress.add(int(step), float(step_time)))
         self._write("metrics.jsonl", rec)
         self._window.append(rec)
         self._last_step = int(step)
@@ -278,8 +443,17 @@ class MetricsLogger:
         if mk.LOSS_TOTAL not in out and terms:
             out[mk.LOSS_TOTAL] = sum(out[k] for k in terms)
         for k in keys:
-            if k not in mk.RAW_KEYS and not k.startswith(mk.LOSS_PREFIX):
+            if k not in mk.RAW_KEYS and k not in mk.DERIVED_KEYS and not k.startswith(mk.LOSS_PREFIX):
                 out[mk.window_key(k)] = mean(k)
+        step_s = time_sum / n
+        # predicted s/step of the window's mean step: its model FLOPs per rank at the measured MFU of the
+        # device's peak (distributed/cost.py); absent, like MFU, where the peak is unknown
+        pred = self._predict(sum(r[mk.FLOPS] for r in win) / n / self.world_size) if self._predict else None
+        err = step_s / pred - 1 if pred else None
+        prog = None
+        if self.progress is not None:
+            self.progress.close_window()
+            prog = self.progress.at(step)
         out.update({
             mk.PERF_SAMPLES_PER_S: rate(mk.SAMPLES),
             mk.PERF_TOKENS_PER_S: rate(mk.TOKENS),
@@ -287,26 +461,51 @@ class MetricsLogger:
             mk.PERF_MFU: mfu,
             mk.PERF_TEACHER_FLOPS_SHARE: _share(win),
             mk.PERF_DATA_WAIT: rate(mk.DATA_WAIT),
-            mk.PERF_STEP_TIME: time_sum / n,
+            mk.PERF_STEP_TIME: step_s,
+            mk.PERF_PREDICTED_STEP_S: pred,
+            mk.PERF_STEP_TIME_REL_ERROR: err,
             mk.MEM_PEAK_GIB: mem,
             mk.SCHED_LR: last[mk.LR],
             mk.OPTIM_GRAD_NORM: mean(mk.GRAD_NORM),
             mk.CURRICULUM_STAGE: last[mk.STAGE],
         })
+        if prog is not None:
+            out.update(prog)
+        if pred is None and "predicted" not in self._warned:  # said once, as MFU's "n/a" says it per line
+            self._warned.add("predicted")
+            self.console.print(f"metrics: no bf16 peak known for device {self.device} ({self._device_name()}): "
+                               f"{mk.PERF_MFU}, {mk.PERF_PREDICTED_STEP_S} and {mk.PERF_STEP_TIME_REL_ERROR} are "
+                               "not logged (set logger.peak_tflops)", markup=False)
 
         terms_str = " ".join(f"{k[len(mk.LOSS_PREFIX):]} {out[k]:.4f}" for k in terms)
         total = out.get(mk.LOSS_TOTAL)
         mfu_str = "n/a" if mfu is None else f"{100 * mfu:.1f}%"
-        line = (f"step {step:>5} | stage {last[mk.STAGE]} | loss " + ("n/a" if total is None else f"{total:.4f}")
+        if prog is None:
+            where = f"step {step:>5} | stage {last[mk.STAGE]}"
+        else:
+            where = (f"step {step}/{prog[mk.PROGRESS_RUN_STEPS]} (stage {last[mk.STAGE]}: "
+                     f"{prog[mk.PROGRESS_STAGE_STEP]}/{prog[mk.PROGRESS_STAGE_STEPS]})")
+        line = (where + " | loss " + ("n/a" if total is None else f"{total:.4f}")
                 + (f" ({terms_str})" if terms_str else "")
                 + f" | gnorm {out[mk.OPTIM_GRAD_NORM]:.2f} | lr {last[mk.LR]:.2e}"
                 + f" | {out[mk.PERF_SAMPLES_PER_S]:.1f} samples/s | {_fmt_count(out[mk.PERF_TOKENS_PER_S])} tok/s"
                 + f" | mfu {mfu_str} | data {100 * out[mk.PERF_DATA_WAIT]:.1f}%"
-                + f" | mem {mem:.1f} GiB" + ("" if mem_label == "cuda" else f" ({mem_label})"))
+                + f" | mem {mem:.1f} GiB" + ("" if mem_label == "cuda" else f" ({mem_label})")
+                + f" | {step_s:.3g} s/step" + ("" if pred is None else f" (pred {pred:.3g})")
+                + ("" if prog is None else f" | ETA stage {_fmt_duration(prog[mk.PROGRESS_ETA_STAGE_S])}, "
+                   f"run {_fmt_duration(prog[mk.PROGRESS_ETA_RUN_S])}"))
         self.last_line = line
         self.console.print(line, markup=False)
         self._wandb_log({k: v for k, v in out.items() if v is not None}, step)
         return out
+
+    def _device_name(self) -> str:
+        if self.device.type != "cuda":
+            return "no table entry for a non-CUDA device"
+        try:
+            return f"{torch.cuda.get_device_name(self.device)!r} not in DEVICE_PEAK_TFLOPS"
+        except Exception:  # noqa: BLE001 - a name for a message only
+            return "unnamed CUDA device"
 
     # ---------------------------------------------------------------- events, media
     def log_event(self, step: int, message: str, **values: Any) -> None:

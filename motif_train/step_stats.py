@@ -28,8 +28,9 @@ import torch
 import torch.distributed as dist
 
 from motif_train.batch import Batch
+from motif_train.data.plan import bucket_batch_size
 from motif_train.models.config import MotifDiTConfig
-from motif_train.models.flops import model_flops, num_video_tokens, teacher_forward_flops
+from motif_train.models.flops import latent_shape, model_flops, num_video_tokens, teacher_forward_flops
 from motif_train.objectives.objective import ObjectiveOutput
 
 # Signals that stop the run at the end of a step; one slot each in the control vector, so a SUM
@@ -87,6 +88,30 @@ def micro_flops(config: MotifDiTConfig, batch: Batch, fed: ObjectiveOutput,
         _, _, frames, size, _ = batch.teacher_pixels.shape  # (B, 3, T, S, S)
         teacher = teacher_forward_flops(teacher_config, frames, size) * len(batch)
     return model, teacher
+
+
+def stage_step_flops(config: MotifDiTConfig, stage: Any, *, dp_size: int, planned: bool, text_len: int,
+                     repa: bool) -> float:
+    """Predicted model FLOPs (fwd + bwd, all ranks) of one optimizer step of curriculum `stage`
+    (a `StageConfig`), from its config alone, host arithmetic: the mean over its buckets (equal
+    weights: the plan's bucket mix is not known here) of samples per step x one T2V sample's
+    `model_flops` under the stage's route (+ the REPA head when `repa`). Samples per step: the
+    stage's `global_batch` (synthetic data), or with shard data (`planned`) dp_size x the
+    planner's per-rank batch of the bucket (`data.plan.bucket_batch_size`: token budget,
+    attention-aware). The ETA's relative cost of a stage not run yet (`metrics.Progress`); not in
+    it: the SigLIP tokens of I2V steps, the REPA teacher, text padding per step, short last steps."""
+    route = stage.routing if stage.routing is not None and stage.routing.enabled else None
+    lats = [latent_shape(*b) for b in stage.buckets]
+    toks = [num_video_tokens(config, lat) for lat in lats]
+    per_step = []
+    for lat, n in zip(lats, toks, strict=True):
+        if planned and stage.token_budget:
+            samples = dp_size * bucket_batch_size(n, stage.token_budget, attention_aware=stage.attention_aware,
+                                                  ref_tokens=max(toks), base_tokens=min(toks))
+        else:
+            samples = stage.global_batch
+        per_step.append(samples * model_flops(config, lat, text_len=text_len, routing=route, repa=repa).total)
+    return sum(per_step) / len(per_step)
 
 
 def batch_video_tokens(config: MotifDiTConfig, batch: Batch) -> int:

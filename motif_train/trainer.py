@@ -25,14 +25,14 @@ from omegaconf import OmegaConf
 
 from motif_train import metric_keys as mk
 from motif_train.checkpoint import CheckpointManager, ModelState, OptimizerState, TensorDictState
-from motif_train.config import TrainConfig, validate
+from motif_train.config import TrainConfig, uses_shards, validate
 from motif_train.data.curriculum import Curriculum
 from motif_train.distributed import build_mesh, init_distributed, parallelize_model
 from motif_train.distributed.context_parallel import apply_cp, cp_disabled
 from motif_train.distributed.mesh import build_cp_group, gather_lists
 from motif_train.ema import EMA, clean_name
 from motif_train.guard import DivergedError, resume_hint, weight_stats, weights_problem
-from motif_train.metrics import MetricsLogger, Profiler
+from motif_train.metrics import MetricsLogger, Profiler, ProgressPlan
 from motif_train.models import MotifDiT, RoutingConfig, apply_repa_freeze
 from motif_train.models.attention_backends import activate_flash_impl, check_backend
 from motif_train.models.convert import (
@@ -47,7 +47,14 @@ from motif_train.models.lora import summary as lora_summary
 from motif_train.objectives import DiffusionObjective, ObjectiveConfig, ObjectiveOutput, total_loss
 from motif_train.objectives.repa import repa_stages
 from motif_train.optim import build_lr_scheduler, build_optimizer
-from motif_train.step_stats import StepClock, StepLog, batch_video_tokens, control_reduce, micro_flops
+from motif_train.step_stats import (
+    StepClock,
+    StepLog,
+    batch_video_tokens,
+    control_reduce,
+    micro_flops,
+    stage_step_flops,
+)
 from motif_train.utils import stable_seed
 
 
@@ -113,7 +120,8 @@ class Trainer:
         resumed = self.resume()
         self.metrics = MetricsLogger(cfg.logger, self.run_dir, rank=self.dist.rank, world_size=self.dist.world_size,
                                      device=self.device, run_name=cfg.name,
-                                     config=OmegaConf.to_container(OmegaConf.structured(cfg)), resume_step=self.step)
+                                     config=OmegaConf.to_container(OmegaConf.structured(cfg)), resume_step=self.step,
+                                     progress=self.progress_plan())
         self.profiler = Profiler(cfg.profile.steps, self.run_dir, self.device, start_step=self.step,
                                  ranks=cfg.profile.ranks)
         self.metrics.log_event(self.step, "start", world_size=self.dist.world_size, total_steps=self.total_steps,
@@ -223,6 +231,18 @@ class Trainer:
                              f"{' / '.join(k for _, k in video)}=0 (or objective.conditioning.i2v_prob=0)")
         if hasattr(self.data, "check_image_tokens"):
             self.data.check_image_tokens(stages)
+
+    def progress_plan(self) -> ProgressPlan:
+        """The run's steps per stage, as `enter_stage` runs them, and each stage's predicted model FLOPs
+        per step (its relative cost), for the progress / ETA keys (`metrics.Progress`,
+        docs/training.md#progress-and-eta)."""
+        pads = getattr(self.data, "text_pad_to", None)
+        text_len = max(pads) if isinstance(pads, list | tuple) and pads else int(pads or 512)
+        repa = repa_stages(self.cfg.curriculum.stages, self.cfg.objective.repa, self.total_steps)
+        flops = [stage_step_flops(self.model.config, st, dp_size=self.dp_size, planned=uses_shards(self.cfg),
+                                  text_len=text_len, repa=on and self.teacher is not None)
+                 for st, on in zip(self.curriculum.stages, repa, strict=True)]
+        return ProgressPlan.from_curriculum(self.curriculum.ends, self.total_steps, flops)
 
     # ---- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:

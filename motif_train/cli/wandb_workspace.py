@@ -4,9 +4,10 @@ Builds a `wandb_workspaces` Workspace whose panels plot the keys the trainer log
 `motif_train.metric_keys` (the one list `metrics.py` logs with), in seven sections:
 
     losses       total, denoise, REPA, loss by σ quartile, grad norm
-    throughput   MFU, tokens/s, samples/s, data wait (fraction of step time), s/step, teacher FLOPs share
+    throughput   MFU, tokens/s, samples/s, data wait (fraction of step time), s/step measured and predicted,
+                 the measured step time's error to the prediction, teacher FLOPs share
     memory       peak GiB per window
-    schedule     LR, curriculum stage
+    schedule     LR, curriculum stage, step within the stage, ETA of the stage and of the run
     checkpoint   seconds each save blocked the loop
     data health  skipped (corrupt) samples, skipped (non-finite) steps
     validation   a media panel of the validation videos, by step
@@ -61,11 +62,15 @@ def build_sections(num_prompts: int = DEFAULT_PROMPTS, i2v: bool = True,
             _line("tokens/s", [mk.PERF_TOKENS_PER_S]),
             _line("samples/s", [mk.PERF_SAMPLES_PER_S]),
             _line("data wait (fraction of step time)", [mk.PERF_DATA_WAIT]),
-            _line("s/step", [mk.PERF_STEP_TIME]),
+            _line("s/step (measured, predicted)", [mk.PERF_STEP_TIME, mk.PERF_PREDICTED_STEP_S]),
+            _line("step time vs predicted (measured / predicted - 1)", [mk.PERF_STEP_TIME_REL_ERROR]),
             _line("REPA teacher FLOPs share", [mk.PERF_TEACHER_FLOPS_SHARE]),
         ]),
         section("memory", [_line("peak memory (GiB)", [mk.MEM_PEAK_GIB])], columns=2),
-        section("schedule", [_line("learning rate", [mk.SCHED_LR]), _line("curriculum stage", [mk.CURRICULUM_STAGE])],
+        section("schedule", [_line("learning rate", [mk.SCHED_LR]), _line("curriculum stage", [mk.CURRICULUM_STAGE]),
+                             _line("step within the stage", [mk.PROGRESS_STAGE_STEP]),
+                             _line("ETA (s of step time): stage, run", [mk.PROGRESS_ETA_STAGE_S,
+                                                                        mk.PROGRESS_ETA_RUN_S])],
                 columns=2),
         section("checkpoint", [_line("checkpoint blocking (s)", [mk.CHECKPOINT_BLOCKING_S])], columns=2),
         section("data health", [_line("skipped samples (corrupt, all ranks)", [mk.DATA_SKIPPED_SAMPLES]),

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from motif_train.distributed.cost import MEASURED_MFU
 from motif_train.metrics import (
     LoggerConfig,
     MetricsLogger,
@@ -94,6 +95,10 @@ def test_log_25_steps_offline(wandb_env, capsys):
     assert w["perf/step_time"] == pytest.approx(time_sum / 10, rel=1e-12)
     flops_per_s = sum(v["flops"] for v in vals) / time_sum
     assert w["perf/mfu"] == pytest.approx(flops_per_s / (100e12 * 2), rel=1e-12)  # model FLOPs only
+    # the FLOP model's s/step beside the measured one: model FLOPs per step and rank at the measured MFU
+    pred = sum(v["flops"] for v in vals) / 10 / 2 / (100e12 * MEASURED_MFU)
+    assert w["perf/predicted_step_s"] == pytest.approx(pred, rel=1e-12)
+    assert w["perf/step_time_rel_error"] == pytest.approx(time_sum / 10 / pred - 1, rel=1e-12)
     teacher = sum(v["teacher_flops"] for v in vals)
     assert w["perf/teacher_flops_share"] == pytest.approx(teacher / (teacher + sum(v["flops"] for v in vals)),
                                                           rel=1e-12)
@@ -108,7 +113,8 @@ def test_log_25_steps_offline(wandb_env, capsys):
 
     # one console line per window with step, loss and lr
     line = logger.last_line
-    assert line.startswith("step    20 | stage 2 | loss ")
+    assert line.startswith("step    20 | stage 2 | loss ")  # no ProgressPlan given: no total, no ETA
+    assert f"| {time_sum / 10:.3g} s/step (pred {pred:.3g})" in line and "ETA" not in line
     assert f"loss {w['loss/total']:.4f} (denoise {w['loss/denoise']:.4f} repa {w['loss/repa']:.4f})" in line
     assert f"lr {vals[-1]['lr']:.2e}" in line and f"mfu {100 * w['perf/mfu']:.1f}%" in line
     assert "(rss)" in line
@@ -138,7 +144,8 @@ def test_log_25_steps_offline(wandb_env, capsys):
     wandb.teardown()
     (wandb_file,) = logger.wandb_dir.glob("run-*.wandb")
     blob = wandb_file.read_bytes()
-    for key in (b"loss/denoise", b"loss/sigma_q1", b"perf/mfu", b"sched/lr", b"event/stage", b"val/sample"):
+    for key in (b"loss/denoise", b"loss/sigma_q1", b"perf/mfu", b"perf/predicted_step_s", b"sched/lr", b"event/stage",
+                b"val/sample"):
         assert key in blob, key
     assert logger.wandb_dir.name.endswith(logger.wandb_id)
 
@@ -173,6 +180,7 @@ def test_no_wandb_no_steps_and_cpu_mfu(wandb_env):
     assert logger.log_step(1, **step_values(1)) is None
     out = logger.log_step(2, **step_values(2))
     assert out["perf/mfu"] is None and "mfu n/a" in logger.last_line
+    assert out["perf/predicted_step_s"] is None and "(pred" not in logger.last_line  # no peak on a CPU
     logger.log_video(2, "val/x", np.zeros((2, 4, 4, 3), np.uint8), fps=4)  # no-op without W&B
     assert logger.close() == run_dir / "loss.png"
 

@@ -16,7 +16,7 @@ import torch
 
 from motif_train import metric_keys as mk
 from motif_train.cli import wandb_workspace as wsmod
-from motif_train.metrics import LoggerConfig, MetricsLogger
+from motif_train.metrics import LoggerConfig, MetricsLogger, ProgressPlan
 
 ROOT = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
@@ -129,7 +129,9 @@ def test_real_offline_run_logs_exactly_what_the_list_and_panels_name(no_network)
     """panels ⊆ logged ⊆ list: a real offline MetricsLogger run, fed like the trainer feeds it."""
     run_dir = no_network / "run"
     cfg = LoggerConfig(log_every=4, mode="offline", peak_tflops=100.0, local_dir=str(no_network / "local"))
-    logger = MetricsLogger(cfg, run_dir, rank=0, world_size=1, device=CPU, run_name="ws-unit")
+    # the trainer passes its curriculum's steps (the stages of _trainer_like_steps: 1-3, 4-7, 8)
+    logger = MetricsLogger(cfg, run_dir, rank=0, world_size=1, device=CPU, run_name="ws-unit",
+                           progress=ProgressPlan.from_curriculum([3, 7, 8], 8))
     assert logger.wandb_run is not None, "offline wandb.init failed"
     logged: set[str] = set()
     real_log = logger._wandb_log
@@ -162,7 +164,7 @@ def test_real_offline_run_logs_exactly_what_the_list_and_panels_name(no_network)
     # metrics.jsonl: the raw names the list gives
     rec = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert set(rec) == set(mk.RAW_KEYS) | {mk.loss_key(t) for t in ("denoise", "repa", "total")} | {
-        mk.sigma_name(q) for q in range(1, 5)} | set(mk.TRAINER_EXTRA_KEYS)
+        mk.sigma_name(q) for q in range(1, 5)} | set(mk.TRAINER_EXTRA_KEYS) | set(mk.DERIVED_KEYS)
 
 
 def test_window_and_event_names():
