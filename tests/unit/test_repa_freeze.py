@@ -95,7 +95,8 @@ def _compose(tmp_path, *extra):
 def test_dry_run_counts_the_same_trainable_bytes(tmp_path):
     """The dry run builds its own (fake) model: the same freeze, so its trainable bytes (grads, moments, EMA)
     leave the head out exactly when the trainer does."""
-    from motif_train.cli import dryrun
+    from motif_train import dryrun
+    from motif_train.distributed.memory_model import FakeModel, teacher_gib
     from motif_train.distributed.mesh import build_mesh
 
     out = {}
@@ -103,10 +104,10 @@ def test_dry_run_counts_the_same_trainable_bytes(tmp_path):
                         ("until0", ("objective.repa.until_step=0",))):
         cfg = _compose(tmp_path, *extra)
         with dryrun.fake_world(64, 8, 63) as info:
-            fake = dryrun.FakeModel(cfg, build_mesh(cfg.parallel, info))
+            fake = FakeModel(cfg, build_mesh(cfg.parallel, info), repa_used=any(dryrun.repa_on(cfg)))
             head = sum(p.to_local().numel() for n, p in fake.model.named_parameters() if HEAD in n) * 4
             out[name] = (fake.local_bytes(4, trainable=True), fake.local_bytes(4), head,
-                         dryrun.repa_on(cfg), dryrun.teacher_gib(cfg)[0])
+                         dryrun.repa_on(cfg), teacher_gib(cfg.encoders.root, any(dryrun.repa_on(cfg)))[0])
     used, unused, until0 = out["used"], out["unused"], out["until0"]
     assert used[2] > 0 and used[1] == unused[1] == until0[1]  # same model, same resident bytes
     assert used[0] - unused[0] == used[0] - until0[0] == used[2]  # minus the head's shard, exactly
