@@ -21,9 +21,7 @@ from motif_train.ema import EMAConfig
 from motif_train.metrics import LoggerConfig
 from motif_train.models.attention_backends import check_backend
 from motif_train.models.config import MotifDiTConfig, RoutingConfig
-from motif_train.models.flops import latent_shape, num_video_tokens
 from motif_train.models.lora import LoraConfig
-from motif_train.models.routing import num_kept
 from motif_train.objectives.conditioning import ConditioningConfig
 from motif_train.objectives.flow import FlowConfig
 from motif_train.objectives.repa import RepaLossConfig
@@ -112,20 +110,6 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-def check_cp_split(i: int, stage, dit: MotifDiTConfig, route: RoutingConfig, cp: int) -> None:
-    """Under `parallel.cp` every bucket's video tokens (and TREAD's kept tokens) split evenly over the
-    CP ranks, and the heads do; raises naming the stage and bucket before any work."""
-    if cp == 1:
-        return
-    check_cp_degree(cp, dit.num_attention_heads)
-    for b in stage.buckets:
-        n = num_video_tokens(dit, latent_shape(*b))
-        kept = num_kept(n, route.ratio) if route.enabled else n
-        if n % cp or kept % cp:
-            raise ValueError(f"curriculum.stages[{i}].buckets {list(b)}: {n} video tokens ({kept} kept by TREAD) do "
-                             f"not split evenly over parallel.cp={cp}; change the bucket, the routing ratio or cp")
-
-
 def check_lora(cfg: TrainConfig) -> None:
     """`model.lora` rules (the targets are checked against the built model, `models/lora.resolve_targets`)."""
     lora = cfg.model.lora
@@ -190,6 +174,9 @@ def validate(cfg: TrainConfig, *, world_size: int, local_world_size: int | None 
     # GPU run: its device is not the run's).
     if not t.dry_run:
         check_backend(dit.attention_backend, dit.flash_impl, run_device_type(t.device))
+    # Ulysses splits the heads over parallel.cp; the sequence need not split: the model pads every
+    # bucket's video tokens (and TREAD's kept ones) to a multiple of cp and masks the pad.
+    check_cp_degree(cfg.parallel.cp, dit.num_attention_heads)
     any_repa = False
     planned = uses_shards(cfg)
     for i, stage in enumerate(cfg.curriculum.stages):
@@ -200,7 +187,6 @@ def validate(cfg: TrainConfig, *, world_size: int, local_world_size: int | None 
         except ValueError as e:
             raise ValueError(f"curriculum.stages[{i}].routing: {e}") from None
         any_repa |= stage.repa
-        check_cp_split(i, stage, dit, route, cfg.parallel.cp)
     if any_repa and dit.repa.block is None:
         raise ValueError("a curriculum stage has repa: true but model.repa.block is null; set model.repa.block "
                          "(an encoder block index, e.g. 8) or turn REPA off in every stage")

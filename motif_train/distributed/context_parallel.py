@@ -1,14 +1,23 @@
 """Ulysses context parallelism (`parallel.cp`): the video sequence split across the ranks of a
 `cp` group, heads split inside attention.
 
-Outside attention every CP rank holds N/cp video tokens (linear layers, norms, MLPs, RoPE on its
-slice). Inside a joint attention two all-to-alls swap the split: sequence-sharded q / k / v
-(B, N/cp, H, Dh) become head-sharded (B, N, H/cp, Dh), attention runs over the whole sequence for
-H/cp heads, and the output goes back. The text / image context is the same on every CP rank
-(replicated, it is small): its heads are sliced locally, no communication, and its attention
-output is all-gathered over heads. The video -> text cross-attention needs nothing: each rank's
-queries see all text keys. In the DDT decoder the context is the encoder's video output, itself
-sequence-sharded, so it takes the all-to-all path too.
+Outside attention every CP rank holds N'/cp video tokens (linear layers, norms, MLPs, RoPE on its
+slice), where N' is the video token count N padded up to a multiple of cp: any bucket works. Inside
+a joint attention two all-to-alls swap the split: sequence-sharded q / k / v (B, N'/cp, H, Dh)
+become head-sharded (B, N', H/cp, Dh), attention runs over the whole sequence for H/cp heads, and
+the output goes back. The text / image context is the same on every CP rank (replicated, it is
+small): its heads are sliced locally, no communication, and its attention output is all-gathered
+over heads. The video -> text cross-attention needs nothing: each rank's queries see all text keys.
+In the DDT decoder the context is the encoder's video output, itself sequence-sharded (and padded),
+so it takes the all-to-all path too.
+
+Padding (`CPGroup.pad`, in `MotifDiT.forward`; TREAD's K kept tokens are padded the same way inside
+a route): the N' - N pad tokens follow the real ones, their key is masked in every attention
+(`attention_backends.build_key_masks(video_pad=)` / `decoder_key_masks`), a pad query's output is
+never read, and the gathered output and REPA tokens are cut back to the real N (or K) before they
+are returned. So pad values reach no real token and no gradient, and nothing counts them as tokens
+(FLOPs and token counts come from the batch's shapes). The pad amount is known from shapes: no host
+read, one static shape per bucket.
 
 Gradients: every collective here is autograd-aware (`_functional_collectives`). The model's output
 and REPA tokens are all-gathered, so every CP rank computes the same loss; the all-gather's
@@ -25,7 +34,13 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import nn
 
-# The model's heads (12 for the 2B preset) must split evenly: cp in 2, 3, 4, 6 there.
+# The model's heads (12 for the 2B preset) must split evenly: cp in 2, 3, 4, 6 there. The sequence
+# need not: it is padded to a multiple of cp.
+
+
+def padded_len(n: int, cp: int) -> int:
+    """`n` tokens rounded up to a multiple of `cp`: the sequence the CP ranks split."""
+    return -(-n // cp) * cp
 
 
 class CPGroup:
@@ -40,12 +55,20 @@ class CPGroup:
         return self
 
     # ---- sequence split ---------------------------------------------------------------------
+    def pad(self, t: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """`t` zero-padded at the end of `dim` to a multiple of cp (itself when it already is); the
+        caller masks the pad as keys and drops it from what it returns."""
+        extra = padded_len(t.shape[dim], self.size) - t.shape[dim]
+        if extra == 0:
+            return t
+        return torch.cat([t, t.new_zeros(*t.shape[:dim], extra, *t.shape[dim + 1:])], dim=dim)
+
     def chunk(self, t: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        """This rank's contiguous 1/cp of `t` along `dim` (no communication)."""
+        """This rank's contiguous 1/cp of `t` along `dim` (no communication); `t` is already padded."""
         n = t.shape[dim]
         if n % self.size:
-            raise ValueError(f"parallel.cp={self.size}: a sequence of {n} tokens does not split evenly; use buckets "
-                             f"(and TREAD ratios) whose latent token counts are multiples of {self.size}")
+            raise ValueError(f"parallel.cp={self.size}: chunk got a sequence of {n} tokens, not a multiple of "
+                             f"{self.size}; pad it first (CPGroup.pad, as MotifDiT.forward does) and mask the pad")
         return t.narrow(dim, self.rank * (n // self.size), n // self.size)
 
     def gather(self, t: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -137,13 +160,14 @@ def cp_disabled(model: nn.Module):
 def ulysses_bytes(n_video: int, n_ctx: int, dim: int, cp: int, *, ctx_sharded: bool = False,
                   dtype_bytes: int = 2) -> float:
     """Bytes one CP rank sends in one joint attention's forward: q, k, v to heads and the output
-    back (four all-to-alls of its (n_video/cp, dim) slice, (cp-1)/cp of which leaves the rank),
-    plus the replicated context's output all-gather (its (n_ctx, dim/cp) heads to cp-1 peers), or
-    the context's own four all-to-alls when it is sharded video (DDT decoder). Backward sends
-    the same again; selective AC's recompute sends nothing (the collectives' outputs are saved)."""
+    back (four all-to-alls of its (N'/cp, dim) slice, N' = `n_video` padded to a multiple of cp,
+    (cp-1)/cp of which leaves the rank), plus the replicated context's output all-gather (its
+    (n_ctx, dim/cp) heads to cp-1 peers), or the context's own four all-to-alls when it is sharded
+    (and padded) video (DDT decoder). Backward sends the same again; selective AC's recompute sends
+    nothing (the collectives' outputs are saved)."""
     if cp == 1:
         return 0.0
-    out = 4 * (n_video / cp) * dim * dtype_bytes * (cp - 1) / cp
+    out = 4 * (padded_len(n_video, cp) / cp) * dim * dtype_bytes * (cp - 1) / cp
     if ctx_sharded:
-        return out + 4 * (n_ctx / cp) * dim * dtype_bytes * (cp - 1) / cp
+        return out + 4 * (padded_len(n_ctx, cp) / cp) * dim * dtype_bytes * (cp - 1) / cp
     return out + n_ctx * (dim / cp) * dtype_bytes * (cp - 1)

@@ -127,17 +127,18 @@ class MotifAttention(nn.Module):
         return x_out, ctx_out, ctx_kv
 
     def _attend_cp(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, mask):
-        """Ulysses: q / k / v (B, n+L, H, Dh) with this rank's n = N/cp video tokens -> attention over
-        all N + L tokens for H/cp heads -> (x_out (B, n, Dinner), ctx_out (B, L, Dinner))."""
+        """Ulysses: q / k / v (B, n+L, H, Dh) with this rank's n = N'/cp video tokens (N' = N padded to
+        a multiple of cp by the model; `mask` hides the pad keys) -> attention over all N' + L tokens
+        for H/cp heads -> (x_out (B, n, Dinner), ctx_out (B, L, Dinner))."""
         cp = self.cp
 
-        def to_heads(t: torch.Tensor) -> torch.Tensor:  # (B, n+L, H, Dh) -> (B, N+L, H/cp, Dh)
+        def to_heads(t: torch.Tensor) -> torch.Tensor:  # (B, n+L, H, Dh) -> (B, N'+L, H/cp, Dh)
             c = t[:, n:]
             c = cp.seq_to_heads(c) if self.cp_ctx_sharded else cp.local_heads(c)
             return torch.cat([cp.seq_to_heads(t[:, :n]), c], dim=1)
 
-        out = attend(to_heads(q), to_heads(k), to_heads(v), mask, self.backend)  # (B, N+L, H/cp*Dh)
-        out = out.unflatten(-1, (self.heads // cp.size, -1))  # (B, N+L, H/cp, Dh)
+        out = attend(to_heads(q), to_heads(k), to_heads(v), mask, self.backend)  # (B, N'+L, H/cp*Dh)
+        out = out.unflatten(-1, (self.heads // cp.size, -1))  # (B, N'+L, H/cp, Dh)
         big_n = n * cp.size
         x_out = cp.heads_to_seq(out[:, :big_n])  # (B, n, H, Dh)
         c = out[:, big_n:]

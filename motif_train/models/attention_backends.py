@@ -1,9 +1,13 @@
 """Attention kernels and the key-padding forms each one takes (`model.attention_backend`).
 
 Only keys are ever padded here: the joint sequence is [video | image | text] and a micro-batch's
-captions are zero-padded at the end of the text (`motif_train.batch.pad_text`); every video and image
-key is always visible. So a key-padding mask per sample is all the model needs, and it is built
-ONCE per forward and sequence layout (full / TREAD-routed), never per attention call:
+captions are zero-padded at the end of the text (`motif_train.batch.pad_text`); every real video and
+image key is visible. Under context parallelism the video (and TREAD's kept subset) is padded to a
+multiple of cp (`distributed/context_parallel.CPGroup.pad`): those pad keys sit after the real video
+keys, [video | pad | image | text] (DDT decoder: [video | pad | encoder video | pad]), and are masked
+like padded text. So a key-padding mask per sample is all the model needs (queries are never masked:
+a pad query's output is dropped by the model), and it is built ONCE per forward and sequence layout
+(full / TREAD-routed / decoder), never per attention call:
 
     sdpa    `F.scaled_dot_product_attention`. Unpadded calls get no mask (flash, or FA3 / FA4 with
             `model.flash_impl`); padded ones get an additive fp mask (B, 1, 1, Sk) in the compute
@@ -11,14 +15,16 @@ ONCE per forward and sequence layout (full / TREAD-routed), never per attention 
             neither converts a bool mask nor re-pads it per call.
     flex    FlexAttention with a `BlockMask` made from the key mask directly (no (S, S) mask is
             ever materialised: 75k tokens at 720p): blocks wholly visible run unmasked, the one
-            partial text block per sample runs the mask_mod, wholly padded blocks are skipped.
+            partial block per sample (text end, CP pad) runs the mask_mod, wholly padded blocks are
+            skipped; any key pattern works, not only a suffix.
             Compiled on CUDA (eager flex materialises the scores); on CPU it is a forward-only
             reference (no backward there), used by the tests.
     varlen  `torch.nn.attention.varlen.varlen_attn` over packed keys (`VarlenKeys`): each sample's
-            visible keys are gathered to the front of a (B*Sk, H, Dh) buffer, `cu_seq_k` = their
-            running count; queries keep their (B*Sq) layout. The buffer keeps its static size (no
-            data-dependent shape, no host read), and rows past the last segment are zeroed going in,
-            so whatever the kernel leaves in their gradient never reaches a parameter. Trains
+            visible keys (wherever they sit: text suffix or CP pad in the middle) are gathered, in
+            order, to the front of a (B*Sk, H, Dh) buffer, `cu_seq_k` = their running count; queries
+            keep their (B*Sq) layout. The buffer keeps its static size (no data-dependent shape, no
+            host read), and rows past the last segment are zeroed going in, so whatever the kernel
+            leaves in their gradient never reaches a parameter. Trains
             (`seqused_k`, which would avoid the gather, is inference-only in torch 2.13). CUDA only;
             `flash_impl` (FA3 / FA4) replaces the flash kernel used here as well.
 
@@ -116,7 +122,7 @@ def _sdpa_bias(key_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def varlen_keys(key_mask: torch.Tensor) -> VarlenKeys:
-    """(B, Sk) bool key mask -> `VarlenKeys`, on the mask's device, without a host read."""
+    """(B, Sk) bool key mask, any pattern -> `VarlenKeys`, on the mask's device, without a host read."""
     flat = key_mask.reshape(-1)  # (B*Sk,)
     index = torch.sort((~flat).to(torch.int8), stable=True).indices  # visible rows first, in order
     counts = key_mask.sum(-1, dtype=torch.int32)  # (B,)
@@ -130,6 +136,7 @@ def prefix_block_mask(key_mask: torch.Tensor, q_len: int, block: int = FLEX_BLOC
 
     A block of keys is FULL when every in-range key is visible (run without mask_mod), PARTIAL
     when some are (mask_mod reads `key_mask`), skipped when none are. No (Sq, Sk) tensor exists.
+    Any visible pattern works (a text suffix, the CP pad after the video keys), not only a prefix.
     """
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -160,24 +167,67 @@ def prefix_block_mask(key_mask: torch.Tensor, q_len: int, block: int = FLEX_BLOC
                                     seq_lengths=(q_len, s))
 
 
+def _video_keys(batch: int, n_video: int, video_pad: int, device) -> torch.Tensor:
+    """(B, n_video + video_pad) bool: the real video keys visible, the CP pad tail not."""
+    return (torch.arange(n_video + video_pad, device=device) < n_video).expand(batch, -1)
+
+
+def _joint_form(backend: str, key_mask: torch.Tensor, dtype: torch.dtype):
+    """(B, Sk) bool key mask of a joint self-attention (queries = the same Sk tokens) -> backend form."""
+    if backend == "sdpa":
+        return _sdpa_bias(key_mask, dtype)
+    if backend == "flex":
+        return prefix_block_mask(key_mask, key_mask.shape[1])
+    return varlen_keys(key_mask)
+
+
 def build_key_masks(backend: str, text_mask: torch.Tensor | None, n_video: int, n_image: int,
-                    dtype: torch.dtype, n_query: int | None = None) -> KeyMasks | None:
+                    dtype: torch.dtype, n_query: int | None = None, *, video_pad: int = 0, n_text: int = 0,
+                    batch: int | None = None, device: torch.device | str | None = None) -> KeyMasks | None:
     """text_mask (B, T) bool (True = real token) or None -> `KeyMasks` for `n_video` video tokens.
 
-    The joint keys are [video (n_video) | image (n_image) | text (T)]; video and image keys are
-    always visible. `n_query`: the cross-attention's video queries on this rank (n_video / cp under
-    context parallelism; default n_video). None when `text_mask` is None (the objective passes None only when nothing is
-    padded and the backend / compile setting allows switching to the mask-free path).
+    The joint keys are [video (n_video) | CP pad (video_pad) | image (n_image) | text (T)]; video and
+    image keys are always visible. `video_pad`: invisible video keys after the real ones, which context
+    parallelism appends to make the sequence a multiple of cp (`CPGroup.pad`); `n_text` (all real) /
+    `batch` / `device` size that mask when `text_mask` is None. `n_query`: the cross-attention's video
+    queries on this rank ((n_video + video_pad) / cp under context parallelism; default n_video).
+
+    None when nothing is masked: `text_mask` is None (the objective passes None only when nothing is
+    padded and the backend / compile setting allows the mask-free path) and there is no pad; `cross`
+    is None whenever `text_mask` is (the text keys are then all real).
     """
-    if text_mask is None:
+    if text_mask is None and video_pad == 0:
         return None
-    text_mask = text_mask.to(torch.bool)
-    joint = F.pad(text_mask, (n_video + n_image, 0), value=True)  # (B, N+I+T)
+    if text_mask is not None:
+        text_mask = text_mask.to(torch.bool)
+        batch, device = text_mask.shape[0], text_mask.device
+    parts = [_video_keys(batch, n_video, video_pad, device)]
+    n_visible = n_image + (0 if text_mask is not None else n_text)  # image (and unmasked text) keys
+    if n_visible:
+        parts.append(torch.ones(batch, n_visible, dtype=torch.bool, device=device))
+    if text_mask is not None:
+        parts.append(text_mask)
+    joint = _joint_form(backend, torch.cat(parts, dim=1), dtype)  # (B, N+pad+I+T) keys
+    if text_mask is None:
+        return KeyMasks(joint, None)
     if backend == "sdpa":
-        return KeyMasks(_sdpa_bias(joint, dtype), _sdpa_bias(text_mask, dtype))
-    if backend == "flex":
-        return KeyMasks(prefix_block_mask(joint, joint.shape[1]), prefix_block_mask(text_mask, n_query or n_video))
-    return KeyMasks(varlen_keys(joint), varlen_keys(text_mask))
+        cross = _sdpa_bias(text_mask, dtype)
+    elif backend == "flex":
+        cross = prefix_block_mask(text_mask, n_query or n_video)
+    else:
+        cross = varlen_keys(text_mask)
+    return KeyMasks(joint, cross)
+
+
+def decoder_key_masks(backend: str, n_video: int, video_pad: int, batch: int, dtype: torch.dtype,
+                      device: torch.device | str | None = None) -> KeyMasks | None:
+    """The DDT decoder's keys [decoder video | encoder video], each `n_video` real tokens followed by
+    `video_pad` CP pad ones (context parallelism) -> `KeyMasks` (no cross-attention there), or None
+    when nothing is padded (the decoder never sees text)."""
+    if video_pad == 0:
+        return None
+    video = _video_keys(batch, n_video, video_pad, device)
+    return KeyMasks(_joint_form(backend, torch.cat([video, video], dim=1), dtype), None)
 
 
 # --------------------------------------------------------------------------- kernels

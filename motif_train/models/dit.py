@@ -34,7 +34,7 @@ from torch.utils._pytree import register_dataclass
 
 from motif_train.utils import stable_seed
 
-from .attention_backends import build_key_masks
+from .attention_backends import build_key_masks, decoder_key_masks
 from .blocks import DualStreamBlock, SingleStreamBlock
 from .config import MotifDiTConfig, RoutingConfig
 from .routing import gather_rope, gather_tokens, sample_keep_ids, scatter_tokens
@@ -223,44 +223,64 @@ class MotifDiT(nn.Module):
         if return_repa and self.repa_projector is None:
             raise ValueError("return_repa=True but the model has no REPA head: set model.repa.block")
 
-        # Context parallelism (distributed/context_parallel.py): this rank keeps 1/cp of the video
-        # tokens (and their RoPE rows); `full` / `local` are identities without it.
+        # Context parallelism (distributed/context_parallel.py): the video tokens (and their RoPE
+        # rows) are zero-padded to N' = a multiple of cp, this rank keeps 1/cp of them; the pad keys
+        # are masked in every attention and the pad rows cut off whatever is gathered back (output,
+        # REPA, a TREAD route's end). `pad` / `full` / `local` are identities without CP.
         cp = self.cp
-        full = (lambda t, dim=1: t) if cp is None else cp.gather
-        local = (lambda t, dim=1: t) if cp is None else cp.chunk
-        x, dec = local(x), (None if dec is None else local(dec))
-        rope_full, rope = rope, tuple(local(t, 0) for t in rope)  # 2 x (N/cp, Dh)
 
-        # Key padding in the backend's form, once per layout (full N here, routed K below), not per call.
-        full_mask = build_key_masks(c.attention_backend, encoder_attention_mask, n, img_len, dtype, x.shape[1])
+        def ident(t: torch.Tensor, dim: int = 1) -> torch.Tensor:
+            return t
+
+        pad = ident if cp is None else cp.pad
+        full = ident if cp is None else cp.gather
+        local = ident if cp is None else cp.chunk
+        x, dec = local(pad(x)), (None if dec is None else local(pad(dec)))
+        rope_full, rope = rope, tuple(local(pad(t, 0), 0) for t in rope)  # 2 x (N'/cp, Dh)
+        n_pad = x.shape[1] * (1 if cp is None else cp.size) - n  # N' - N, from shapes (no host read)
+
+        # Key padding in the backend's form, once per layout (full N here, routed K below, the decoder's
+        # two), not per call: `masks(n_real, extra, decoder)` for n_real video tokens + `extra` CP pad.
+        def masks(n_real: int, extra: int, decoder: bool, n_image: int = img_len):
+            if decoder:  # keys [decoder video | encoder video]: no text, no image
+                return decoder_key_masks(c.attention_backend, n_real, extra, b, dtype, x.device)
+            return build_key_masks(c.attention_backend, encoder_attention_mask, n_real, n_image, dtype,
+                                   (n_real + extra) // (1 if cp is None else cp.size), video_pad=extra,
+                                   n_text=encoder_hidden_states.shape[1], batch=b, device=x.device)
+
+        full_mask = masks(n, n_pad, False)
         mask, blk_rope = full_mask, rope
         saved = None
         repa_tokens = repa_ids = None
         enc_end = c.num_encoder_blocks
+        k = k_pad = 0
         for idx, block in enumerate(self.blocks()):
             if idx == enc_end:  # DDT decoder: query = fresh embedding, context = encoder video output
-                x, ctx, mask, img_len = dec, x, None, 0
-                full_mask = None
+                x, ctx, img_len = dec, x, 0
+                full_mask = mask = masks(n, n_pad, True)  # None unless CP padded the video
             if ids is not None and idx == r.start:
-                saved = (full(x), full(ctx) if idx >= enc_end else None)  # (B, N, D): the tokens that wait
-                x = local(gather_tokens(saved[0], ids))  # (B, K/cp, D)
+                saved = (full(x), full(ctx) if idx >= enc_end else None)  # (B, N', D): the tokens that wait
+                k = ids.shape[1]
+                x = local(pad(gather_tokens(saved[0], ids)))  # (B, K'/cp, D), K' = K padded to cp
+                k_pad = x.shape[1] * (1 if cp is None else cp.size) - k
                 if idx >= enc_end:  # in the decoder the context is video too: route it with the same ids
-                    ctx = local(gather_tokens(saved[1], ids))
-                blk_rope = tuple(local(t) for t in gather_rope(rope_full, ids))  # 2 x (B, K/cp, Dh)
-                mask = (build_key_masks(c.attention_backend, encoder_attention_mask, ids.shape[1], img_len, dtype,
-                                        x.shape[1]) if idx < enc_end else None)
+                    ctx = local(pad(gather_tokens(saved[1], ids)))
+                blk_rope = tuple(local(pad(t)) for t in gather_rope(rope_full, ids))  # 2 x (B, K'/cp, Dh)
+                mask = masks(k, k_pad, idx >= enc_end)
             x, ctx = block(x, ctx, temb, mask, blk_rope, img_len)
             if return_repa and idx == c.repa.block:
                 inside = ids is not None and r.start <= idx <= r.end
-                repa_tokens, repa_ids = full(self.repa_projector(x)), (ids if inside else None)  # (B, K|N, C_t)
+                real = k if inside else n
+                repa_tokens = full(self.repa_projector(x))[:, :real]  # (B, K|N, C_t): the pad cut off
+                repa_ids = ids if inside else None
             if ids is not None and idx == r.end:
-                x = local(scatter_tokens(saved[0], full(x), ids))  # (B, N/cp, D)
+                x = local(scatter_tokens(saved[0], full(x)[:, :k], ids))  # (B, N'/cp, D)
                 if idx >= enc_end:
-                    ctx = local(scatter_tokens(saved[1], full(ctx), ids))
+                    ctx = local(scatter_tokens(saved[1], full(ctx)[:, :k], ids))
                 mask, blk_rope, saved = full_mask, rope, None
 
-        x = self.norm_out(x, temb)  # (B, N, D)
-        x = full(self.proj_out(x))  # (B, N, pt*p*p*C_out): per-token work on 1/cp, then gathered
+        x = self.norm_out(x, temb)  # (B, N'/cp, D)
+        x = full(self.proj_out(x))[:, :n]  # (B, N, pt*p*p*C_out): per-token work on 1/cp, gathered, pad cut
         x = x.reshape(b, f // pt, h // p, w // p, -1, pt, p, p)
         x = x.permute(0, 4, 1, 5, 2, 6, 3, 7).flatten(6, 7).flatten(4, 5).flatten(2, 3)  # (B, C_out, F, H, W)
         return DiTOutput(sample=x, repa_tokens=repa_tokens, repa_ids=repa_ids, keep_ids=ids)

@@ -16,6 +16,7 @@ from motif_train.models.attention_backends import (
     attend,
     build_key_masks,
     check_backend,
+    decoder_key_masks,
     prefix_block_mask,
 )
 from motif_train.models.kernel_reference import cpu_reference_kernels, varlen_reference
@@ -78,6 +79,53 @@ def test_key_masks_equal_attention_over_real_keys(backend):
     torch.testing.assert_close(cross, ref, rtol=0, atol=1e-12)
     for got, want in zip(_grads(cross, (q, k, v)), _grads(ref, (q, k, v)), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def _over_visible(q, k, v, visible):
+    """Reference: each sample attends to the keys `visible[b]` (a bool row) selects, no mask anywhere."""
+    outs = []
+    for b in range(q.shape[0]):
+        kk, vv = k[b:b + 1, visible[b]], v[b:b + 1, visible[b]]
+        o = F.scaled_dot_product_attention(q[b:b + 1].transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2))
+        outs.append(o.transpose(1, 2).flatten(2))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["text", "no-text-mask", "decoder"])
+def test_cp_pad_keys_are_masked_wherever_they_sit(backend, layout):
+    """Context parallelism's pad keys sit in the middle of the joint keys, [video | pad | image | text]
+    (DDT decoder: [video | pad | encoder video | pad]): every backend equals attention over the real
+    keys only (fp64, forward and backward), with or without padded text, and the pad keys get exactly
+    zero gradient (varlen packs the visible keys around the hole, in order)."""
+    torch.manual_seed(0)
+    b, n, pad, i, t = 3, 250, 6, 5, 70  # 250 + 6 crosses the 128-key flex block boundary at 256
+    lens = (70, 3, 40)
+    text_mask = torch.arange(t)[None] < torch.tensor(lens)[:, None]  # (B, T)
+    video = torch.arange(n + pad) < n  # (N + pad,)
+    if layout == "decoder":
+        masks = decoder_key_masks(backend, n, pad, b, torch.float64)
+        visible = torch.cat([video, video])[None].expand(b, -1)
+    else:
+        tm = text_mask if layout == "text" else None
+        masks = build_key_masks(backend, tm, n, i, torch.float64, video_pad=pad, n_text=t, batch=b)
+        visible = torch.cat([video[None].expand(b, -1), torch.ones(b, i, dtype=torch.bool),
+                             text_mask if layout == "text" else torch.ones(b, t, dtype=torch.bool)], 1)
+        assert (masks.cross is None) == (layout != "text")
+    s_k = visible.shape[1]
+    q, k, v = (torch.randn(b, s_k, 2, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    with torch.no_grad():  # large pad keys / values: any leak would show
+        for x in (k, v):
+            x[~visible] = 1e3
+    joint = attend(q, k, v, masks.joint, backend)
+    ref = _over_visible(q, k, v, visible)
+    torch.testing.assert_close(joint, ref, rtol=0, atol=1e-12)
+    for got, want in zip(_grads(joint, (q, k, v)), _grads(ref, (q, k, v)), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    dk, dv = _grads(joint, (k, v))
+    assert (dk[~visible] == 0).all() and (dv[~visible] == 0).all() and dk[visible].abs().sum() > 0
+    assert build_key_masks(backend, None, n, i, torch.float64, video_pad=0) is None  # nothing to mask
+    assert decoder_key_masks(backend, n, 0, b, torch.float64) is None
 
 
 def test_varlen_packs_visible_keys_with_real_offsets():

@@ -45,3 +45,30 @@ def test_module_entry_point():
 def test_meta_build_allocates_nothing():
     m = build_model(load_model_config("motif_video_2b"), device="meta")
     assert all(p.device == torch.device("meta") for p in m.parameters())
+
+
+@pytest.mark.parametrize("cp, error", [(2, None), (4, None),
+                                       (8, r"parallel.cp=8: Ulysses splits the 12 attention heads")])
+def test_64xh200_recipe_validates_at_any_cp_that_splits_the_heads(cp, error):
+    """Context parallelism pads each bucket's video (and TREAD's kept) tokens to a multiple of cp, so the
+    real curriculum validates at cp=2 and 4 although e.g. 81x624x624 has 31941 video tokens (15970 kept);
+    a cp that does not divide the 12 heads is still refused, naming the key."""
+    from hydra import compose, initialize_config_dir
+
+    from motif_train.cli.train import CONFIG_DIR as TRAIN_CONFIGS
+    from motif_train.cli.train import to_train_config
+    from motif_train.config import validate
+    from motif_train.models.flops import latent_shape, num_video_tokens
+    from motif_train.models.routing import num_kept
+
+    with initialize_config_dir(config_dir=str(TRAIN_CONFIGS), version_base="1.3"):
+        cfg = to_train_config(compose(config_name="train",
+                                      overrides=["experiment=motif_video_2b_64xh200", f"parallel.cp={cp}"]))
+    n = num_video_tokens(cfg.model.dit_config(), latent_shape(81, 624, 624))
+    assert [81, 624, 624] in [list(b) for b in cfg.curriculum.stages[2].buckets]
+    assert (n, num_kept(n, cfg.curriculum.stages[2].routing.ratio)) == (31941, 15970)  # odd / not a multiple of 4
+    if error is None:
+        validate(cfg, world_size=64, local_world_size=8)
+    else:
+        with pytest.raises(ValueError, match=error):
+            validate(cfg, world_size=64, local_world_size=8)
