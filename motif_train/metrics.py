@@ -306,12 +306,15 @@ class MetricsLogger:
         self.is_main = rank == 0
         # progress / ETA keys (with the run's plan; a resumed process starts its estimates afresh)
         self.progress = Progress(progress) if progress is not None and self.is_main else None
+        from motif_train.distributed.cost import MEASURED_RECOMPUTE, predicted_step_s  # cost imports this module
+
+        # executed / counted FLOPs of the current stage's AC mode (the trainer sets it per stage; default: the
+        # MFU run's, AC full); the prediction counts compute only, not motif-dryrun's CP all-to-all term
+        self.recompute = MEASURED_RECOMPUTE
         self._predict: Callable[[float], float] | None = None  # model FLOPs per rank of a step -> s
         if self.peak and self.is_main:
-            from motif_train.distributed.cost import predicted_step_s  # cost imports this module
-
             peak = self.peak
-            self._predict = lambda flops: predicted_step_s(flops, peak_tflops=peak)
+            self._predict = lambda flops: predicted_step_s(flops, peak_tflops=peak, recompute=self.recompute)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.events_path = self.run_dir / "events.jsonl"
         self.console = Console(soft_wrap=True, highlight=False)

@@ -29,6 +29,7 @@ from motif_train.config import TrainConfig, uses_shards, validate
 from motif_train.data.curriculum import Curriculum
 from motif_train.distributed import build_mesh, init_distributed, parallelize_model
 from motif_train.distributed.context_parallel import apply_cp, cp_disabled
+from motif_train.distributed.cost import recompute_factor
 from motif_train.distributed.mesh import build_cp_group, gather_lists
 from motif_train.ema import EMA, clean_name
 from motif_train.guard import DivergedError, resume_hint, weight_stats, weights_problem
@@ -42,6 +43,7 @@ from motif_train.models.convert import (
     load_release_weights,
     open_release,
 )
+from motif_train.models.flops import latent_shape, num_video_tokens
 from motif_train.models.lora import apply_lora, base_state_keys, checkpoint_state, init_lora_weights, is_lora
 from motif_train.models.lora import summary as lora_summary
 from motif_train.objectives import DiffusionObjective, ObjectiveConfig, ObjectiveOutput, total_loss
@@ -376,6 +378,9 @@ class Trainer:
         self.stage_idx = idx
         stage = self.curriculum.stages[idx]
         self.model.set_routing(stage.routing)
+        # the predicted s / step uses the stage's AC recompute, as motif-dryrun does (distributed/cost.py)
+        tokens = max(num_video_tokens(self.model.config, latent_shape(*b)) for b in stage.buckets)
+        self.metrics.recompute = recompute_factor(self.cfg.parallel.ac, tokens, self.cfg.parallel.ac_every)
         obj = self.objective.config
         obj.flow.shift = stage.shift if stage.shift is not None else self.cfg.objective.flow.shift
         obj.conditioning.i2v_prob = self.stage_i2v_prob(stage)
