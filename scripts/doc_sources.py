@@ -399,6 +399,7 @@ def scaling_inputs() -> dict:
 def stage_rows() -> list[dict]:
     """One row per (stage, bucket) of the recipe, with the numbers of the step-time table."""
     from motif_train.data.plan import bucket_batch_size
+    from motif_train.distributed.cost import predicted_step_s, recompute_factor
     from motif_train.models.config import RoutingConfig
     from motif_train.models.flops import latent_shape, model_flops, num_video_tokens
 
@@ -425,7 +426,8 @@ def stage_rows() -> list[dict]:
                               repa=repa_on).total if video else t2v
             p = p_i2v if video else 0.0
             mean = (1 - p) * t2v + p * i2v
-            step_s = batch * mean / (s["peak"] * 1e12 * s["mfu"])
+            step_s = predicted_step_s(batch * mean, peak_tflops=s["peak"], mfu=s["mfu"],
+                                      recompute=recompute_factor(s["ac"], n, s["ac_every"]))
             rows.append(dict(stage=i, name=st["name"], steps=st["steps"], first=first_step, last=last_step,
                              bucket="x".join(map(str, b)), tokens=n, batch=batch, global_batch=batch * dp,
                              t2v_pflop=t2v / 1e15, i2v_pflop=i2v / 1e15, p_i2v=p, step_s=step_s,

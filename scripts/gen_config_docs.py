@@ -280,7 +280,11 @@ def render_scaling_blocks() -> dict[str, str]:
         f"`objective.conditioning.i2v_prob` = {s['i2v_prob']} of the video steps (images always train as T2V).",
         f"- Speed: {s['peak']:.0f} TFLOP/s (dense bf16 peak of the {s['mfu_device']}) × MFU {100 * s['mfu']:.1f} % = "
         f"{s['peak'] * s['mfu']:.0f} TFLOP/s of useful work per GPU, the MFU of the `{MFU_RUN}` run in "
-        f"[bench/train_gpu.json](bench/train_gpu.json) ({s['mfu_setup']}).",
+        f"[bench/train_gpu.json](bench/train_gpu.json) ({s['mfu_setup']}). That run executed 1.293× its counted "
+        f"FLOPs (full AC re-runs every block); a step in `parallel.ac={s['ac']}` executes the factor of "
+        "[bench/ac_cpu.json](bench/ac_cpu.json) for its clip (1.054 at 480p, 1.017 at 720p for selective) at the same "
+        "rate: step time = FLOPs × factor / 1.293 / (peak × MFU) (`motif_train/distributed/cost.py`, the figure "
+        "`motif-dryrun` and the trainer's `perf/predicted_step_s` use).",
     ])
 
     t = table(["stage", "bucket F×H×W", "tokens N", "per-rank batch", "global batch", "T2V PFLOP / sample",
@@ -290,12 +294,10 @@ def render_scaling_blocks() -> dict[str, str]:
                 f"{r['step_s']:.2f}", f"{r['samples_s']:.1f}"] for r in rows])
     blocks["step-time"] = "\n".join(t)
 
-    total_days = sum(x["days"] for x in summary)
-    t = table(["stage", "steps", "optimizer steps", "mean step time s", f"samples/s ({dp} GPUs)", "samples seen",
-               "days"],
+    t = table(["stage", "steps", "optimizer steps", "mean step time s", f"samples/s ({dp} GPUs)", "samples seen"],
               [[f"{x['stage']} `{x['name']}`", f"{x['steps']:,}", f"{x['first']:,}–{x['last']:,}", f"{x['step_s']:.2f}",
-                f"{x['samples_s']:.1f}", f"{x['samples'] / 1e6:.1f} M", f"{x['days']:.1f}"] for x in summary]
-              + [["total", f"{sum(x['steps'] for x in summary):,}", "", "", "", "", f"{total_days:.1f}"]])
+                f"{x['samples_s']:.1f}", f"{x['samples'] / 1e6:.1f} M"] for x in summary]
+              + [["total", f"{sum(x['steps'] for x in summary):,}", "", "", "", ""]])
     blocks["stages"] = "\n".join(t)
 
     blocks["memory-model"] = "\n".join([
@@ -333,6 +335,7 @@ def render_scaling_blocks() -> dict[str, str]:
                f"AC every_{m['k']} GiB", "AC full GiB"], mem_rows)
     blocks["memory"] = "\n".join(t)
     blocks["memory-tracker"] = _dryrun_table().render_tracker_block(m, table)
+    blocks["dryrun-stages"] = _dryrun_table().render_stages_block(table)
     return blocks
 
 

@@ -40,6 +40,9 @@ class ParallelConfig:
     reshard_after_forward: bool = True
     ac: str = "none"  # none | full | every_k | selective
     ac_every: int = 2
+    # selective AC under parallel.cp: also keep CP's all-to-all / gather outputs, so the recompute sends
+    # nothing, for ~2x the attention's held bytes per rank (false: re-send them; distributed/parallelize.py)
+    ac_save_collectives: bool = False
     compile: bool | None = None  # None: on for GPU, off for CPU
     compile_dynamic: bool | None = None  # None: batch/sequence dims dynamic; False: static; True: all dims
     # torch.compile backend of the blocks: inductor (GPU kernels); aot_eager traces the same forward and

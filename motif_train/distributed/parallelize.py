@@ -27,6 +27,7 @@ variant x (bucket, text pad length, micro-batch size); `True`: `dynamic=True` (e
 
 from __future__ import annotations
 
+import functools
 import types
 import warnings
 
@@ -87,9 +88,13 @@ def _kernel_ops() -> frozenset:
 
 
 ATTENTION_OPS = SDPA_OPS | _kernel_ops()
-# Context parallelism's all-to-alls and head all-gathers (distributed/context_parallel.py): saved
-# too, so a recompute under selective AC sends nothing (their outputs are what the saved attention
-# read; the async collective's result is the wait's output).
+# Context parallelism's all-to-alls and head all-gathers (distributed/context_parallel.py): saved only
+# with `parallel.ac_save_collectives` (then a recompute sends nothing: their outputs are what the saved
+# attention read; the async collective's result is the wait's output). Off by default: the received
+# q / k / v and the output's all-to-all are 4 x a rank's (N/cp, D) slice per attention, about twice the
+# attention output selective AC keeps, so saving them cancels most of the memory cp is used to save
+# (motif-dryrun, 2B at 480p x 81: 32.4 GiB of activations at cp=2 with them, 16.6 without, 31.8 at cp=1);
+# re-sending them in the recompute costs the all-to-alls once more (~1 % of the attention time at 720p).
 CP_COMM_OPS = frozenset(getattr(torch.ops._c10d_functional, n).default
                         for n in ("all_to_all_single", "all_gather_into_tensor", "wait_tensor")
                         if hasattr(torch.ops._c10d_functional, n))
@@ -101,16 +106,22 @@ def save_attention_policy(ctx, func, *args, **kwargs) -> CheckpointPolicy:
     PREFER (not MUST) recompute, so torch.compile's partitioner may still keep a cheap tensor when
     that saves memory traffic.
     """
+    return CheckpointPolicy.MUST_SAVE if func in ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def save_attention_and_collectives_policy(ctx, func, *args, **kwargs) -> CheckpointPolicy:
+    """`save_attention_policy` that also keeps CP's collective outputs (`parallel.ac_save_collectives`)."""
     saved = func in ATTENTION_OPS or func in CP_COMM_OPS
     return CheckpointPolicy.MUST_SAVE if saved else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def selective_context_fn():
+def selective_context_fn(save_collectives: bool = False):
     """`context_fn` for `torch.utils.checkpoint`: fresh (forward, recompute) modes per call."""
-    return create_selective_checkpoint_contexts(save_attention_policy)
+    policy = save_attention_and_collectives_policy if save_collectives else save_attention_policy
+    return create_selective_checkpoint_contexts(policy)
 
 
-def apply_ac(model: nn.Module, mode: str, every: int = 2) -> int:
+def apply_ac(model: nn.Module, mode: str, every: int = 2, *, save_collectives: bool = False) -> int:
     """Wrap blocks in activation checkpointing in place; returns how many were wrapped.
 
     `full` and `selective` wrap every block, `every_k` every `every`-th one (absolute index 0, k,
@@ -122,7 +133,7 @@ def apply_ac(model: nn.Module, mode: str, every: int = 2) -> int:
     if mode == "none":
         return 0
     # Dropout is 0 in every block, so no RNG state needs replaying in the recompute.
-    kw = {"context_fn": selective_context_fn} if mode == "selective" else {}
+    kw = {"context_fn": functools.partial(selective_context_fn, save_collectives)} if mode == "selective" else {}
     idx, n = 0, 0
     for blocks in _block_lists(model):
         for i, blk in enumerate(blocks):
@@ -248,7 +259,7 @@ def parallelize_model(model: nn.Module, cfg: ParallelConfig, mesh: DeviceMesh, d
     compile_on = cfg.compile if cfg.compile is not None else device.type == "cuda"
     if compile_on:
         apply_compile(model, dynamic=cfg.compile_dynamic, backend=cfg.compile_backend)
-    n_ac = apply_ac(model, cfg.ac, cfg.ac_every)
+    n_ac = apply_ac(model, cfg.ac, cfg.ac_every, save_collectives=cfg.ac_save_collectives)
     mp = mp or mixed_precision(cfg, device)
     apply_fsdp(model, mesh, mp, reshard_after_forward=cfg.reshard_after_forward)
     return {"ac": cfg.ac, "ac_blocks": n_ac, "compile": compile_on, "compile_backend": cfg.compile_backend,

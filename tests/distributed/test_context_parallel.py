@@ -97,8 +97,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     kw = inputs(cfg0, mask=True, image=True)  # 72 video tokens, sample 0 with 3 of 7 text tokens
     g = torch.Generator().manual_seed(7)
     kw["keep_ids"] = torch.stack([torch.randperm(72, generator=g)[:36].sort().values for _ in range(2)])
-    # Under AC: gradients unchanged, and selective AC (attention and CP collectives saved) re-sends
-    # nothing in backward: one all-to-all per forward one (its gradient), full AC two (recompute too).
+    # Under AC: gradients unchanged; selective AC with parallel.ac_save_collectives (attention and CP
+    # collectives saved) re-sends nothing in backward: one all-to-all per forward one (its gradient);
+    # full AC and selective without it two (the recompute sends them again).
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from motif_train.distributed.parallelize import apply_ac
@@ -112,7 +113,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             return func(*args, **(kwargs or {}))
 
     cfg = MotifDiTConfig(**{**cfg0.to_dict(), "routing": RoutingConfig(1, 3, 0.5).__dict__})
-    for ac in ("full", "selective"):
+    for ac, keep in (("full", False), ("selective", True), ("selective", False)):
         m = randomized(cfg)
         ref_g = None
         if ac == "full":
@@ -120,7 +121,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             ref.load_state_dict(m.state_dict())
             ref.train()(**kw, return_repa=True).sample.square().mean().backward()
             ref_g = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
-        apply_ac(m, ac)
+        apply_ac(m, ac, save_collectives=keep)
         apply_cp(m, dist.group.WORLD)
         m.train()
         A2A.n = 0
@@ -130,7 +131,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         A2A.n = 0
         with A2A():
             out.backward()
-        results[f"a2a_{ac}"] = (fwd, A2A.n)
+        results[f"a2a_{ac}{'_keep' if keep else ''}"] = (fwd, A2A.n)
         grads = {n.replace("._checkpoint_wrapped_module", ""): p.grad for n, p in m.named_parameters()
                  if p.grad is not None}
         for g in grads.values():
@@ -164,9 +165,10 @@ def test_cp2_model_equals_the_unsharded_model(tmp_path):
     for rank in range(2):
         res = torch.load(tmp_path / f"cp_{rank}.pt", weights_only=True)
         assert res["roundtrip"] == (True, True) and res["heads"]
-        fwd, bwd = res["a2a_selective"]
-        print(f"\nall-to-alls forward / backward: full AC {res['a2a_full']}, selective {res['a2a_selective']}")
-        assert fwd > 0 and bwd == fwd and res["a2a_full"] == (fwd, 2 * fwd)
+        fwd, bwd = res["a2a_selective_keep"]
+        print(f"\nall-to-alls forward / backward: full AC {res['a2a_full']}, selective {res['a2a_selective']}, "
+              f"selective + ac_save_collectives {res['a2a_selective_keep']}")
+        assert fwd > 0 and bwd == fwd and res["a2a_full"] == res["a2a_selective"] == (fwd, 2 * fwd)
         assert res["ac_grad"] <= 1e-5
         assert res["pad"] == (True, (2, 8, 4, 3), True, True, True)
         assert "parallel.cp=2: chunk got a sequence of 7 tokens, not a multiple of 2; pad" in res["chunk_error"]

@@ -23,7 +23,8 @@ from motif_train.models.config import RoutingConfig
 from motif_train.models.flops import latent_shape, model_flops
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["experiment=tiny_cpu", "data=synthetic", "parallel=fsdp", "curriculum.stages.1.global_batch=2"]
+TINY = ["experiment=tiny_cpu", "data=synthetic", "parallel=fsdp", "parallel.ac=selective",
+        "curriculum.stages.1.global_batch=2"]
 
 
 def _cfg(tmp: Path, world: int, cp: int, *extra: str):
