@@ -5,8 +5,14 @@
     motif-plan --manifest DATA/manifest.json --stage-from-config configs/curriculum/tiny.yaml --stage 0 ...
 
 Prints a per-bucket table, the utilization next to the naive per-rank bucketing baseline, the share of steps
-carrying >= 90 % of the token budget, and the most video tokens a rank holds in a step (<= --token-budget
-unless a bucket's single sample is larger: then a warning names it). With
+carrying >= 90 % of their bucket's full per-rank batch (and of the token budget), the smallest step, and the
+most video tokens a rank holds in a step (<= --token-budget unless a bucket's single sample is larger: then a
+warning names it). --carry plans as the trainer's loader does from two ranks on (``plan.carries``): each
+bucket's remainder that would be a short step is carried into the next epoch's plan; the output then says how
+many samples this epoch's plan carries in (trained in its first step of the bucket) and carries out (trained
+in epoch N+1's plan), how many of the carried-in also train for this epoch (never in one step), and how many
+are left out (never the same ones two epochs in a row). Without it (the default, like ``replan`` and the dry
+run) it plans the standalone epoch and says so. With
 --stage-from-config the buckets, token budget and attention_aware flag come from stage N of the curriculum
 YAML (``stages: [{buckets: [[F, H, W], ...], token_budget: ..., attention_aware: ...}, ...]``); an explicit
 --buckets / --token-budget on the command line overrides them. --segments START:WORLD ... plans the rest of
@@ -24,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from motif_train.data.plan import (
+    carries,
     naive_plan_utilization,
     plan_stats,
     replan,
@@ -96,20 +103,49 @@ def stage_from_config(path: str | Path, stage: int) -> dict:
 
 def _table(stats: dict, naive: float | None, world_size: int) -> Table:
     t = Table(title=f"motif-plan: world size {world_size}")
-    for col in ("bucket", "tokens", "samples", "per-rank batch", "steps", "short steps", "scheduled", "dropped"):
-        t.add_column(col, justify="left" if col == "bucket" else "right")
+    cols = ["bucket", "tokens", "samples", "per-rank batch", "steps", "short steps", "scheduled"]
+    cols += ["carried in", "carried out"] if stats["carry"] else []
+    width = max((len(n) for n in stats["per_bucket"]), default=6)
+    for col in [*cols, "left out"]:
+        if col == "bucket":  # bucket names whole, the numbers' headers wrap instead
+            t.add_column(col, justify="left", no_wrap=True, min_width=max(6, width))
+        else:
+            t.add_column(col, justify="right")
     for name, b in stats["per_bucket"].items():
+        carry = [f"{b['carried_in']:,}", f"{b['carried']:,}"] if stats["carry"] else []
         t.add_row(name, f"{b['tokens']:,}", f"{b['samples']:,}", str(b["per_rank_batch"]), f"{b['steps']:,}",
-                  f"{b['short_steps']:,}", f"{b['scheduled']:,}", f"{b['dropped']:,}")
+                  f"{b['short_steps']:,}", f"{b['scheduled']:,}", *carry, f"{b['dropped']:,}")
     t.add_section()
+    carry = [f"{stats['carried_in']:,}", f"{stats['carried']:,}"] if stats["carry"] else []
     t.add_row("total", "", f"{stats['total']:,}", "", f"{stats['steps']:,}", f"{stats['short_steps']:,}",
-              f"{stats['scheduled']:,}", f"{stats['dropped']:,}")
+              f"{stats['scheduled']:,}", *carry, f"{stats['dropped']:,}")
     naive_txt = "n/a" if naive is None else f"{naive:.1%}"
     t.caption = (f"utilization: ours {stats['utilization']:.2%}  vs naive per-rank bucketing {naive_txt}\n"
-                 f"steps >= 90 % of the budget: {stats['full_fraction']:.1%}  short steps: "
-                 f"{stats['short_fraction']:.1%}  most video tokens on a rank: {stats['max_tokens_per_rank']:,} "
+                 f"steps >= 90 % of their bucket's full per-rank batch: {stats['batch_full_fraction']:.1%}  "
+                 f"smallest step: {stats['batch_share_min']:.0%} of its full batch  steps >= 90 % of the budget: "
+                 f"{stats['full_fraction']:.1%}\nmost video tokens on a rank: {stats['max_tokens_per_rank']:,} "
                  f"({stats['max_budget_ratio']:.2f} x token_budget)")
     return t
+
+
+def carry_lines(stats: dict, epoch: int) -> list[str]:
+    """What the plan carries (with carry) or that it carries nothing (without)."""
+    if not stats["carry"]:
+        return [f"carry: off (the standalone epoch {epoch}: nothing carried in or out; {stats['dropped']:,} "
+                "sample(s) left out). The trainer's loader carries each bucket's short tail into the next epoch "
+                "from two ranks on: --carry shows that plan"]
+    if epoch > 0:
+        first = (f"carried in from epoch {epoch - 1}: {stats['carried_in']:,} sample(s), trained in this plan (the "
+                 f"first step of their bucket); {stats['repeats']:,} of them also train for epoch {epoch} here, in "
+                 "another step")
+    else:
+        first = "carried in: nothing (epoch 0)"
+    lines = [first, f"carried to epoch {epoch + 1}: {stats['carried']:,} sample(s) (a bucket's tail that would be a "
+                    f"short step), trained in its plan; left out: {stats['dropped']:,} (< world size per bucket, "
+                    "never the same ones two epochs in a row)"]
+    if stats["carry_lost"]:
+        lines.append(f"carried in but not trainable after the world-size change: {stats['carry_lost']:,} sample(s)")
+    return lines
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -130,6 +166,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default=None, help="write the plan here (.npz)")
     ap.add_argument("--report", default=None, help="write report.json here (and report.png next to it)")
     ap.add_argument("--no-naive", action="store_true", help="skip the naive-bucketing baseline simulation")
+    ap.add_argument("--carry", action="store_true",
+                    help="plan as the trainer's loader does from 2 ranks on: a bucket's tail that cannot fill a step "
+                         "is carried into the next epoch's plan (reported below the table)")
     return ap
 
 
@@ -157,13 +196,16 @@ def run(args: argparse.Namespace, console: Console) -> dict:
                                  f"it has: {', '.join(sorted(known)) or '(none)'}")
     try:
         plan, offset = replan(manifest, buckets, segments=segments, token_budget=token_budget, seed=args.seed,
-                              epoch=args.epoch, attention_aware=attention_aware)
+                              epoch=args.epoch, attention_aware=attention_aware,
+                              carry=bool(getattr(args, "carry", False)) and carries(segments[0][1]))
         naive = None if args.no_naive else naive_plan_utilization(
             manifest, buckets, world_size=segments[-1][1], token_budget=token_budget, seed=args.seed)
     except (ValueError, KeyError) as e:
         raise PlanInputError(str(e)) from None
     stats = plan_stats(plan, manifest)
     console.print(_table(stats, naive, plan.world_size))
+    for line in carry_lines(stats, args.epoch):
+        console.print(line, markup=False, soft_wrap=True)
     if stats["over_budget"]:
         console.print(f"warning: one sample of {', '.join(stats['over_budget'])} is over the token budget "
                       f"{token_budget:,}: those steps hold {stats['max_tokens_per_rank']:,} video tokens per rank; "
@@ -182,8 +224,11 @@ def run(args: argparse.Namespace, console: Console) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    console = Console()
+    if not console.is_terminal:  # a pipe or a file: rich would cut the table to 80 columns
+        console = Console(width=160)
     try:
-        run(args, Console())
+        run(args, console)
     except PlanInputError as e:
         _fail(str(e))
     return 0

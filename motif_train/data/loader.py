@@ -1,6 +1,7 @@
 """The shard loader: follows the offline plan, reads samples at indexed offsets from bucket-grouped tars.
 
-    plan (per stage, per epoch) ─► this rank's row of each step (rank_plan.RankPlan)
+    plan (per stage, per epoch; from 2 ranks on each epoch's remainder is carried into the next)
+        ─► this rank's row of each step (rank_plan.RankPlan)
         ─► a feed in this process: one task per step (this rank's samples resolved to shard + member offsets
            through the memory-mapped sample index) ─► persistent DataLoader workers (prefetching) ─► reads
         ─► crc32 check ─► decode (.npy, allow_pickle=False, finite) ─► collate ─► n_micro micro-batches
@@ -51,7 +52,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from motif_train.batch import Batch, check_pad_to, pad_text
 
 from .curriculum import StageConfig
-from .plan import Plan, build_plan, replan, sample_ids_by_bucket
+from .plan import Plan, build_plan, carries, replan, sample_ids_by_bucket
 from .rank_plan import RankPlan
 from .sample_index import FIELDS, SampleIndex
 from .shard_format import MANIFEST_NAME, CorruptSample
@@ -523,7 +524,9 @@ class ShardSource:
         st = self.stage if stage is None else stage
         epoch, segments = (self.epoch, self.segments) if epoch is None else (epoch, segments)
         names = [bucket_name(*b) for b in st.buckets]
-        kw = dict(token_budget=st.token_budget, seed=self.seed, epoch=epoch, attention_aware=st.attention_aware)
+        # an epoch's remainder trains in the next one (plan.py, "Carried remainders"), from two ranks on
+        kw = dict(token_budget=st.token_budget, seed=self.seed, epoch=epoch, attention_aware=st.attention_aware,
+                  carry=carries(int(segments[0][1])))
         manifest = self.index.plan_manifest()
         if len(segments) == 1:
             return build_plan(manifest, names, world_size=self.dp_size, **kw), 0

@@ -8,7 +8,30 @@ ever waits on another with a different shape. The per-rank batch of a bucket fol
 number a user sizes activation memory with (a bucket whose ONE sample is over budget runs one per rank and
 is listed in :func:`plan_stats`'s ``over_budget``).
 
-Tail folding (:func:`_bucket_steps`): each bucket's ``q = n // world_size`` samples per rank are cut into
+Carried remainders (``carry=True``; the trainer's loader, and ``motif-plan --carry``, plan every epoch that starts
+on two or more ranks this way, :func:`carries`). A step is *full* when it carries >= ``min_fill`` (90 %) of its
+bucket's full per-rank batch ``b`` (:func:`full_batch_need`; ``b`` is the token-budget batch, so that is also >=
+90 % of what the budget admits for the bucket). Per bucket, every rank takes its ``n // world_size`` samples
+plus what the previous epoch carried in, cut into steps of ``b`` or, balanced, of ``q // steps`` or one more
+when that keeps every step full (:func:`_carry_steps`). What cannot fill a step (a tail of ``t < need`` per
+rank: 3 images where 32 fit, 1 clip where 2 fit) is neither a short step nor left out: those ``t * world_size``
+samples are *carried* into the next epoch's plan (``Plan.carried``), which trains them (``Plan.carried_in``) in
+its first step of the bucket, for the epoch they belong to. Each sample not left out is thus trained once per
+epoch, at most one epoch late. A carried-in sample whose own instance of the new epoch is not carried on trains
+twice in that plan, once for each epoch (``Plan.repeats``; never in one step: the carried-in fill the bucket's
+first step, those repeats its last); of the totals it could schedule the plan takes the one that repeats fewest.
+Only the ``< world_size`` remainder of a bucket is left out (``dropped``), from a window that moves over the
+bucket each epoch, so no sample is left out in two consecutive epochs. Short steps remain only where a bucket's
+own samples fill less than one full step per rank (``n // world_size < b`` and under 90 % of it): carrying there
+would put one sample twice into a step. The carry is a function of the counts, the world size and the epoch —
+:func:`carried_in_per_rank`, an integer recursion over the stage's epochs that is periodic, so O(need) — and the
+carried ids a fixed prefix of the bucket's order, so every plan is recomputed exactly from (seed, epoch) on
+resume. After a world-size change inside an epoch (:func:`replan`) the next epoch counts its carry at the new
+world size, so up to a bucket's tail of samples may then train twice or miss that epoch (``carry_lost`` names
+carried-in ids the resized plan could not place). ``carry=False`` (the default of :func:`build_plan` and
+:func:`replan`) is the standalone epoch below, unchanged: nothing carried, no id twice in a plan.
+
+Tail folding without carry (:func:`_bucket_steps`): each bucket's ``q = n // world_size`` samples per rank are cut into
 ``s = ceil(q / b)`` steps. If the last step would carry less than ``min_fill`` of the budget (a *short*
 step: 3 images where 32 fit; :func:`min_step_batch`), the bucket's steps are balanced instead (sizes
 ``q // s`` or one more) when that keeps every step at >= ``min_fill``; otherwise the short tail is left out
@@ -17,10 +40,11 @@ and kept as a short step only when neither fits (a bucket smaller than one step,
 spent). Left-out ids are random (the bucket is shuffled per epoch), so nothing is left out systematically
 across epochs.
 
-Utilization (scheduled / stage samples) per epoch: < ``world_size`` samples per bucket are always left out
-(every rank takes the same number), plus folded tails within ``max_drop``; it is therefore >= 97% as soon
-as every bucket holds >= 34 * world_size samples, and >= 99% on realistic data; it is lower only for tiny
-buckets (a bucket with fewer than ``world_size`` samples is dropped entirely).
+Utilization (used / stage samples, used = trained in this plan or carried into the next) per epoch: < ``world_size``
+samples per bucket are always left out (every rank takes the same number), plus (without carry) folded tails
+within ``max_drop``; it is therefore >= 97% as soon as every bucket holds >= 34 * world_size samples, and >= 99%
+on realistic data; it is lower only for tiny buckets (a bucket with fewer than ``world_size`` samples is dropped
+entirely).
 
 Everything is deterministic from (manifest, buckets, world_size, token_budget, seed, epoch, exclude):
 random generators are seeded with a SHA-256 of the bucket name (never Python's salted ``hash``).
@@ -38,7 +62,7 @@ from pathlib import Path
 
 import numpy as np
 
-PLAN_FORMAT = 1
+PLAN_FORMAT = 2  # 2: carry (meta[6]) and the carried_in / carried / carry_lost arrays; format 1 still loads
 _U64 = 2**64
 MIN_FILL = 0.9  # a step with fewer than this share of its bucket's full per-rank batch is "short"
 MAX_DROP = 0.01  # folding short tails may leave out samples while the plan leaves out <= 1 % in total
@@ -134,8 +158,12 @@ class Step:
 class Plan:
     """One epoch (or the rest of one, after :func:`replan`) of steps.
 
-    ``total`` counts the samples the plan was built over (the stage's samples minus ``exclude``);
-    every one of them is either scheduled exactly once or in ``dropped``.
+    ``total`` counts the samples the plan was built over (the stage's samples minus ``exclude``): this
+    epoch's instances. Without carry every one of them is either scheduled exactly once or in ``dropped``.
+    With carry (``carry=True``) each is scheduled, in ``carried`` (trained in the next epoch's plan) or in
+    ``dropped`` (left out); the steps also hold ``carried_in`` (the previous epoch's carried ids, trained here for
+    that epoch), so an id of ``carried_in`` may be scheduled twice in the plan (``repeats``), never in one step.
+    ``carry_lost``: carried-in ids that could not be trained (only after a world-size change inside the epoch).
     """
 
     steps: list[Step]
@@ -148,6 +176,10 @@ class Plan:
     token_budget: int = 0
     attention_aware: bool = False
     per_rank_batch: list[int] = field(default_factory=list)  # full-step batch, aligned with ``buckets``
+    carry: bool = False
+    carried_in: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    carried: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    carry_lost: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     @property
     def num_steps(self) -> int:
@@ -155,12 +187,26 @@ class Plan:
 
     @property
     def scheduled(self) -> int:
+        """Sample instances in the steps (carried-in ones included)."""
         return int(sum(s.samples.size for s in self.steps))
 
     @property
     def utilization(self) -> float:
-        """Scheduled / total (1.0 for an empty plan: nothing was left out)."""
-        return self.scheduled / self.total if self.total else 1.0
+        """Used / total, used = trained in this plan or carried into the next (1.0 for an empty plan)."""
+        return 1.0 - int(np.asarray(self.dropped).size) / self.total if self.total else 1.0
+
+    @property
+    def trained_fraction(self) -> float:
+        """This epoch's instances trained in this plan / total (carried-out ones train in the next plan)."""
+        return (self.scheduled - int(self.carried_in.size)) / self.total if self.total else 1.0
+
+    def repeats(self) -> np.ndarray:
+        """Ids scheduled twice in this plan (a carried-in instance and this epoch's own), ascending."""
+        ids = self.scheduled_ids()
+        if not ids.size:
+            return ids
+        u, c = np.unique(ids, return_counts=True)
+        return u[c > 1]
 
     def scheduled_ids(self) -> np.ndarray:
         if not self.steps:
@@ -176,7 +222,7 @@ class Plan:
         return {
             "format": np.array([PLAN_FORMAT], np.int64),
             "meta": np.array([self.world_size, self.epoch, self.seed, self.total, self.token_budget,
-                              int(self.attention_aware)], np.int64),
+                              int(self.attention_aware), int(self.carry)], np.int64),
             "buckets": np.array(self.buckets, dtype=np.str_).reshape(-1),
             "per_rank_batch": np.array(self.per_rank_batch, np.int64).reshape(-1),
             "step_bucket": np.array([index[s.bucket] for s in self.steps], np.int32).reshape(-1),
@@ -184,6 +230,9 @@ class Plan:
             "offsets": offsets,
             "ids": self.scheduled_ids().astype(np.int64),
             "dropped": np.asarray(self.dropped, np.int64).reshape(-1),
+            "carried_in": np.asarray(self.carried_in, np.int64).reshape(-1),
+            "carried": np.asarray(self.carried, np.int64).reshape(-1),
+            "carry_lost": np.asarray(self.carry_lost, np.int64).reshape(-1),
         }
 
     def save(self, path: str | Path) -> None:
@@ -196,16 +245,19 @@ class Plan:
     def load(cls, path: str | Path) -> Plan:
         with np.load(path, allow_pickle=False) as z:
             a = {k: z[k] for k in z.files}
-        if int(a["format"][0]) != PLAN_FORMAT:
-            raise ValueError(f"{path}: plan format {int(a['format'][0])}, expected {PLAN_FORMAT}")
-        world_size, epoch, seed, total, token_budget, aa = (int(v) for v in a["meta"])
+        if int(a["format"][0]) not in (1, PLAN_FORMAT):
+            raise ValueError(f"{path}: plan format {int(a['format'][0])}, expected {PLAN_FORMAT} (or 1)")
+        world_size, epoch, seed, total, token_budget, aa, *rest = (int(v) for v in a["meta"])
+        empty = np.zeros(0, np.int64)
         buckets = [str(b) for b in a["buckets"].tolist()]
         ids, offsets = a["ids"], a["offsets"]
         steps = [Step(buckets[int(bi)], ids[offsets[i]:offsets[i + 1]].reshape(int(shp[0]), int(shp[1])))
                  for i, (bi, shp) in enumerate(zip(a["step_bucket"], a["step_shape"], strict=True))]
         return cls(steps=steps, world_size=world_size, epoch=epoch, seed=seed, buckets=buckets,
                    dropped=a["dropped"], total=total, token_budget=token_budget, attention_aware=bool(aa),
-                   per_rank_batch=[int(v) for v in a["per_rank_batch"]])
+                   per_rank_batch=[int(v) for v in a["per_rank_batch"]], carry=bool(rest and rest[0]),
+                   carried_in=a.get("carried_in", empty), carried=a.get("carried", empty),
+                   carry_lost=a.get("carry_lost", empty))
 
 
 def min_step_batch(b: int, eff_tokens: float, token_budget: int, min_fill: float) -> int:
@@ -234,10 +286,71 @@ def _bucket_steps(q: int, b: int, need: int) -> tuple[list[int], int]:
     return [b] * (s - 1) + [tail], tail
 
 
+def full_batch_need(b: int, min_fill: float = MIN_FILL) -> int:
+    """The smallest per-rank batch that is a *full* step with carry: ``min_fill`` of the bucket's full batch
+    ``b`` (rounded up; ``b`` itself below 10 at 90 %: 2 of 2, 8 of 8, 9 of 10)."""
+    return max(1, min(b, math.ceil(round(min_fill * b, 9))))  # round: 0.9 * 10 == 9
+
+
+def _feasible(x: int, b: int, need: int) -> bool:
+    """Can ``x`` samples per rank be cut into steps of ``need`` .. ``b`` each?"""
+    return x == 0 or -(-x // b) * need <= x
+
+
+def _carry_steps(q_own: int, t_in: int, b: int, need: int) -> tuple[list[int], int]:
+    """Steps of a bucket with ``q_own`` of its own samples per rank and ``t_in`` carried in, all full (>=
+    ``need``); returns (sizes, per-rank count carried into the next epoch, < ``need``).
+
+    Of the totals ``x`` it could schedule (``q - need < x <= q``, ``q = q_own + t_in``; one is always feasible:
+    the gaps between ``s`` and ``s + 1`` steps are shorter than ``need``), the largest ``x <= q_own`` — no
+    carried-in sample also trains for this epoch —, else the smallest (the fewest such repeats)."""
+    q = q_own + t_in
+    ok = [x for x in range(q, max(-1, q - need), -1) if _feasible(x, b, need)]
+    own = [x for x in ok if x <= q_own]
+    x = own[0] if own else ok[-1]
+    return _bucket_steps(x, b, need)[0], q - x
+
+
+def carries(world_size: int) -> bool:
+    """Whether the trainer's loader (and ``motif-plan --carry``) plans an epoch that starts on ``world_size``
+    ranks with ``carry=True``: from two ranks on. On one rank nothing is ever left out (``n % 1 == 0``) and a
+    bucket's tail is a short step of a few samples, so the standalone epoch is kept there: every sample of
+    the epoch in that epoch, none twice."""
+    return int(world_size) > 1
+
+
+def carried_in_per_rank(n: int, world_size: int, b: int, need: int, epoch: int) -> int:
+    """Per-rank count of a bucket's samples carried into ``epoch`` (``carry=True``), from its ``n`` samples:
+    epoch 0 carries in nothing, epoch e what e - 1 carried out (:func:`_carry_steps` of ``n // world_size`` and
+    the carry-in). A bucket that fills less than one full step on its own (``n // world_size < b``) never
+    carries. Periodic in the epoch (the carry is < ``need``), so O(need) whatever the epoch."""
+    q_n = int(n) // int(world_size)
+    if epoch <= 0 or q_n < b:
+        return 0
+    t, seen, e = 0, {}, 0
+    while e < epoch:
+        if t in seen:  # a cycle: jump over its whole periods
+            period = e - seen[t]
+            for _ in range((epoch - e) % period):
+                t = _carry_steps(q_n, t, b, need)[1]
+            return t
+        seen[t] = e
+        t = _carry_steps(q_n, t, b, need)[1]
+        e += 1
+    return t
+
+
 def build_plan(manifest: dict, buckets: list[str], *, world_size: int, token_budget: int, seed: int,
                epoch: int, attention_aware: bool = False, exclude: np.ndarray | None = None,
-               min_fill: float = MIN_FILL, max_drop: float = MAX_DROP) -> Plan:
+               min_fill: float = MIN_FILL, max_drop: float = MAX_DROP, carry: bool = False,
+               carry_world_size: int | None = None) -> Plan:
     """Plan one epoch over the samples of ``buckets`` (minus ``exclude``, the already consumed ids).
+
+    ``carry=True``: the epoch of a sequence (module doc, "Carried remainders"; :func:`_build_carry_plan`):
+    every step full unless a bucket is smaller than one, the previous epoch's carried tails trained here,
+    this epoch's carried into the next; ``carry_world_size`` is the world size the carry is counted at (the
+    epoch's first: ``replan`` passes it; default ``world_size``). ``max_drop`` is not used then.
+    Without carry (the default), as follows.
 
     Per bucket: shuffle its ids (generator seeded from (seed, epoch, bucket name)); per-rank batch
     ``b = bucket_batch_size(tokens, token_budget, ...)`` (attention-aware: ref / base = the stage's largest /
@@ -254,6 +367,10 @@ def build_plan(manifest: dict, buckets: list[str], *, world_size: int, token_bud
         raise ValueError(f"token_budget={token_budget} must be >= 1")
     if not 0 < min_fill <= 1 or not 0 <= max_drop < 1:
         raise ValueError(f"min_fill={min_fill} must be in (0, 1] and max_drop={max_drop} in [0, 1)")
+    if carry:
+        return _build_carry_plan(manifest, buckets, world_size=world_size, token_budget=token_budget, seed=seed,
+                                 epoch=epoch, attention_aware=attention_aware, exclude=exclude, min_fill=min_fill,
+                                 carry_world_size=carry_world_size or world_size)
     names = _stage_buckets(manifest, buckets)
     ids_by_bucket = sample_ids_by_bucket(manifest)
     tokens = {b: int(manifest["buckets"][b]["tokens"]) for b in names}
@@ -307,9 +424,151 @@ def build_plan(manifest: dict, buckets: list[str], *, world_size: int, token_bud
                 per_rank_batch=batches)
 
 
+def _build_carry_plan(manifest: dict, buckets: list[str], *, world_size: int, token_budget: int, seed: int,
+                      epoch: int, attention_aware: bool, exclude: np.ndarray | None, min_fill: float,
+                      carry_world_size: int) -> Plan:
+    """``build_plan(carry=True)``. Per bucket, in a fixed order ``tau`` (its epoch-0 shuffle reversed, so that at
+    epoch 0 the plan is the one without carry minus its tail steps, the same ids on the same ranks, wherever the
+    two agree on which steps are full: :func:`min_step_batch` and :func:`full_batch_need`):
+
+    ``tau[:r0]`` + ``tau[r0 + Z:]`` is where the ``r`` left-out ids are taken, a window moving by ``r0`` a
+    epoch (``r0 = n % carry_world_size``; consecutive windows are disjoint); ``tau[r0:r0 + Z]`` (``Z = (need - 1)
+    * carry_world_size``) holds the carried ids: an epoch carries out its prefix of ``k_out`` and carried in the
+    prefix of ``k_in`` (the previous epoch's instances), so the two overlap as much as they can and only
+    ``k_in - k_out`` carried-in ids also train for this epoch (``repeats``). In the bucket's list of sample
+    instances the carried-in come first and those repeats last, so they never share a step (every step holds
+    more than either). Without exclusions all of this follows from the counts; after a world-size change
+    (``exclude``) a carried-in id that would share a step with its repeat drops the bucket's carry-in
+    (``carry_lost``)."""
+    names = _stage_buckets(manifest, buckets)
+    ids_by_bucket = sample_ids_by_bucket(manifest)
+    tokens = {b: int(manifest["buckets"][b]["tokens"]) for b in names}
+    ref, base = max(tokens.values()), min(tokens.values())
+    w, wc = int(world_size), int(carry_world_size)
+    empty = np.zeros(0, np.int64)
+    # set membership through dense masks over the id range (sorted-array searches over shuffled ids are ~10x slower)
+    top = max([int(v[-1]) + 1 for v in ids_by_bucket.values() if v.size] + [1])
+    excluded = np.zeros(top, bool)
+    if exclude is not None and np.asarray(exclude).size:
+        x = np.asarray(exclude, np.int64)
+        excluded[x[(x >= 0) & (x < top)]] = True
+    scratch = np.zeros(top, bool)
+
+    def member(x: np.ndarray, of: np.ndarray) -> np.ndarray:
+        scratch[of] = True
+        out = scratch[x]
+        scratch[of] = False
+        return out
+
+    def first_available(parts: list[np.ndarray], count: int, start: int = 0, skip: np.ndarray = empty) -> np.ndarray:
+        """The first ``count`` ids of the concatenation of ``parts`` (cyclic from ``start``) not excluded and not in
+        ``skip``; reads views chunk by chunk (no copy of a bucket-sized array: the loader's start-up memory)."""
+        size = sum(x.size for x in parts)
+        if count <= 0 or not size:
+            return empty
+        start, views, pos = int(start) % size, [], 0
+        for x in parts:  # the parts from `start` on, then those before it
+            lo = min(max(start - pos, 0), x.size)
+            views.append(x[lo:])
+            pos += x.size
+        pos = 0
+        for x in parts:
+            views.append(x[:min(max(start - pos, 0), x.size)])
+            pos += x.size
+        out, got, chunk = [], 0, max(2 * count, 4096)
+        if skip.size:
+            scratch[skip] = True
+        try:
+            for v in views:
+                for i in range(0, v.size, chunk):
+                    c = v[i:i + chunk]
+                    c = c[~excluded[c] & ~scratch[c]]
+                    out.append(c[:count - got])
+                    got += out[-1].size
+                    if got >= count:
+                        return np.concatenate(out)
+        finally:
+            if skip.size:
+                scratch[skip] = False
+        return np.concatenate(out) if out else empty
+
+    steps: list[Step] = []
+    batches: list[int] = []
+    dropped, carried, carried_in, lost = [], [], [], []
+    total = 0
+    for name in names:
+        all_ids = ids_by_bucket.get(name, empty)
+        b = bucket_batch_size(tokens[name], token_budget, attention_aware=attention_aware, ref_tokens=ref,
+                              base_tokens=base)
+        batches.append(b)
+        need = full_batch_need(b, min_fill)
+        avail = all_ids[~excluded[all_ids]]
+        n = int(avail.size)
+        total += n
+        perm0 = _rng(seed, 0, f"bucket:{name}").permutation(all_ids)  # the no-carry plan's epoch-0 order
+        order = perm0 if epoch == 0 else _rng(seed, epoch, f"bucket:{name}").permutation(all_ids)  # this epoch's
+        tau = perm0[::-1]
+        r0 = int(all_ids.size) % wc
+        zone = (need - 1) * wc if all_ids.size // wc >= b else 0
+        free = [tau[:r0], tau[r0 + zone:]]  # where left-out ids are taken (views)
+
+        k_in = carried_in_per_rank(all_ids.size, wc, b, need, epoch) * wc
+        c_in = tau[r0:r0 + k_in]
+        c_in = c_in[~excluded[c_in]]
+        while True:
+            k = int(c_in.size)
+            eligible = n // w >= b
+            if not eligible:  # smaller than one full step of its own: no carry (one sample twice in one step)
+                if k:
+                    lost.append(c_in)
+                c_in, k = empty, 0
+            q, r = (n + k) // w, (n + k) % w
+            if eligible:
+                sizes, tail = _carry_steps(n // w, q - n // w, b, need)
+            else:
+                sizes, tail = _bucket_steps(q, b, need)[0], 0  # a short step stays
+            c_out = first_available([tau[r0:], tau[:r0]], tail * w)  # the zone's prefix (past it: after a resize)
+            left = first_available(free, r, start=epoch * r0, skip=c_out)
+            if left.size < r:  # only after a resize: the rest from the zone
+                left = np.concatenate([left, first_available([tau[r0:r0 + zone]], r - left.size,
+                                                             skip=np.concatenate([c_out, left]))])
+            mine = order[~excluded[order] & ~member(order, np.concatenate([c_out, left]))]  # own, trained here
+            is_rep = member(mine, c_in) if k else np.zeros(mine.size, bool)
+            rep = mine[is_rep]  # carried in and trained for this epoch too: the bucket's last step
+            lst = np.concatenate([c_in, mine[~is_rep], rep]).astype(np.int64)
+            if lst.size != w * sum(sizes):
+                raise AssertionError(f"carry plan of {name}: {lst.size} ids for steps {sizes} x {w}")
+            if rep.size:  # the carried-in (first) and their repeats (last) in different steps: always without a
+                ends = np.cumsum([w * x for x in sizes])  # resize; after one, drop the carry-in if they would not be
+                last_in = int(np.searchsorted(ends, k - 1, side="right"))
+                first_rep = int(np.searchsorted(ends, lst.size - rep.size, side="right"))
+                if last_in >= first_rep:
+                    lost.append(c_in)
+                    c_in = empty
+                    continue
+            break
+        if k:
+            carried_in.append(c_in)
+        start = 0
+        for size in sizes:
+            steps.append(Step(name, lst[start:start + size * w].reshape(w, size)))
+            start += size * w
+        dropped.append(left)
+        carried.append(c_out)
+    order = _rng(seed, epoch, "step-order").permutation(len(steps))
+
+    def cat(parts):
+        return np.sort(np.concatenate(parts)).astype(np.int64) if parts else empty
+
+    return Plan(steps=[steps[i] for i in order], world_size=w, epoch=int(epoch), seed=int(seed), buckets=names,
+                dropped=cat(dropped), total=int(total), token_budget=int(token_budget),
+                attention_aware=bool(attention_aware), per_rank_batch=batches, carry=True,
+                carried_in=cat(carried_in), carried=cat(carried), carry_lost=cat(lost))
+
+
 def replan(manifest: dict, buckets: list[str], *, segments: list[tuple[int, int]], token_budget: int, seed: int,
            epoch: int, attention_aware: bool = False, min_fill: float = MIN_FILL,
-           max_drop: float = MAX_DROP) -> tuple[Plan, int]:
+           max_drop: float = MAX_DROP, carry: bool = False) -> tuple[Plan, int]:
     """Plan the rest of an epoch after world-size changes, without repeating a consumed sample.
 
     ``segments = [(start_step_in_epoch, world_size), ...]``, first start 0, starts non-decreasing (a segment
@@ -318,6 +577,8 @@ def replan(manifest: dict, buckets: list[str], *, segments: list[tuple[int, int]
     built over the stage minus everything consumed so far with the world size of segment k, and so on.
     Returns (final plan, offset): global step-in-epoch ``s >= offset`` is ``final.steps[s - offset]``.
     Consumed ids are never scheduled again; the ids a plan dropped but did not consume are planned again.
+    ``carry=True``: every plan of the epoch carries in what the previous epoch (counted at segment 0's world size)
+    carried out, minus what is consumed.
     """
     if not segments or int(segments[0][0]) != 0:
         raise ValueError(f"segments={segments!r}: give [(0, world_size), (start, world_size), ...]")
@@ -325,7 +586,7 @@ def replan(manifest: dict, buckets: list[str], *, segments: list[tuple[int, int]
     if any(b < a for a, b in zip(starts, starts[1:], strict=False)):
         raise ValueError(f"segments={segments!r}: start steps must be non-decreasing")
     kw = dict(token_budget=token_budget, seed=seed, epoch=epoch, attention_aware=attention_aware,
-              min_fill=min_fill, max_drop=max_drop)
+              min_fill=min_fill, max_drop=max_drop, carry=carry, carry_world_size=int(segments[0][1]))
     consumed: list[np.ndarray] = []
     plan = build_plan(manifest, buckets, world_size=int(segments[0][1]), **kw)
     for (start, _), (nxt, ws) in zip(segments, segments[1:], strict=False):
@@ -390,24 +651,37 @@ def _id_bucket_lookup(manifest: dict, names: list[str]) -> tuple[np.ndarray, np.
 
 
 def plan_stats(plan: Plan, manifest: dict, *, min_fill: float = MIN_FILL) -> dict:
-    """Totals, per-bucket numbers (samples = scheduled + dropped of that bucket in this plan) and what the
-    steps carry against the budget:
+    """Totals, per-bucket numbers (samples = this epoch's instances of that bucket: trained here, carried into the
+    next plan or left out) and what the steps carry:
 
+    - ``batch_full_fraction``: steps with >= ``min_fill`` of their bucket's full per-rank batch
+      (:func:`full_batch_need`); ``batch_share_min``: the smallest step's per-rank batch / the full one;
     - ``short_steps`` / ``short_fraction``: steps under :func:`min_step_batch` (less than ``min_fill`` of the
       budget although the bucket's full batch carries more);
     - ``fill_min`` / ``fill_mean`` and ``full_fraction`` (steps with fill >= ``min_fill``): a step's fill is
       ``per_rank * effective_tokens / token_budget`` (raw tokens / budget in plain mode);
     - ``max_tokens_per_rank`` and ``max_budget_ratio`` (its raw video tokens / token_budget, <= 1 unless a
-      bucket's single sample is over budget: those are listed in ``over_budget``).
+      bucket's single sample is over budget: those are listed in ``over_budget``);
+    - ``dropped`` (left out: neither trained here nor carried), ``carried_in`` (the previous epoch's remainder
+      trained here), ``carried`` (this epoch's remainder, trained in the next plan), ``repeats`` (carried-in ids
+      that also train for this epoch in this plan, never in the same step), ``carry_lost``, ``utilization``
+      (1 - dropped / total) and ``trained_fraction`` (this epoch's instances trained in this plan / total).
     """
     ids, lab = _id_bucket_lookup(manifest, plan.buckets)
+
+    def per_bucket_count(x) -> np.ndarray:
+        x = np.asarray(x, np.int64)
+        return np.bincount(lab[np.searchsorted(ids, x)], minlength=len(plan.buckets)) if x.size else \
+            np.zeros(len(plan.buckets), np.int64)
+
     dropped = np.asarray(plan.dropped, np.int64)
-    dropped_lab = lab[np.searchsorted(ids, dropped)] if dropped.size else np.zeros(0, np.int64)
-    n_dropped = np.bincount(dropped_lab, minlength=len(plan.buckets))
+    n_dropped, n_in, n_out = per_bucket_count(dropped), per_bucket_count(plan.carried_in), \
+        per_bucket_count(plan.carried)
+    repeats = plan.repeats()
     tokens = {b: int(manifest["buckets"][b]["tokens"]) for b in plan.buckets}
     ref, base = (max(tokens.values()), min(tokens.values())) if tokens else (1, 1)
     budget = max(1, plan.token_budget)
-    per_bucket, fills, raw, short = {}, [], [], 0
+    per_bucket, fills, raw, shares, short, full_batch = {}, [], [], [], 0, 0
     for i, name in enumerate(plan.buckets):
         st = [s for s in plan.steps if s.bucket == name]
         sched = int(sum(s.samples.size for s in st))
@@ -416,15 +690,23 @@ def plan_stats(plan: Plan, manifest: dict, *, min_fill: float = MIN_FILL) -> dic
         need = min_step_batch(b, eff, budget, min_fill)
         n_short = sum(s.per_rank < need for s in st)
         short += n_short
+        full_batch += sum(s.per_rank >= full_batch_need(b, min_fill) for s in st)
         fills += [s.per_rank * eff / budget for s in st]
         raw += [s.per_rank * tokens[name] for s in st]
-        per_bucket[name] = {"samples": sched + int(n_dropped[i]), "scheduled": sched,
-                            "dropped": int(n_dropped[i]), "per_rank_batch": int(b), "steps": len(st),
-                            "tokens": tokens[name], "short_steps": int(n_short)}
+        shares += [s.per_rank / max(1, b) for s in st]
+        per_bucket[name] = {"samples": sched - int(n_in[i]) + int(n_out[i]) + int(n_dropped[i]), "scheduled": sched,
+                            "dropped": int(n_dropped[i]), "carried_in": int(n_in[i]), "carried": int(n_out[i]),
+                            "per_rank_batch": int(b), "steps": len(st), "tokens": tokens[name],
+                            "short_steps": int(n_short)}
     n = plan.num_steps
     fills_a = np.asarray(fills, np.float64)
-    return {"utilization": plan.utilization, "steps": n, "scheduled": plan.scheduled,
-            "total": plan.total, "dropped": int(dropped.size), "per_bucket": per_bucket,
+    return {"utilization": plan.utilization, "trained_fraction": plan.trained_fraction, "steps": n,
+            "scheduled": plan.scheduled, "total": plan.total, "dropped": int(dropped.size), "carry": plan.carry,
+            "carried_in": int(np.asarray(plan.carried_in).size), "carried": int(np.asarray(plan.carried).size),
+            "repeats": int(repeats.size), "carry_lost": int(np.asarray(plan.carry_lost).size),
+            "per_bucket": per_bucket,
+            "batch_full_fraction": full_batch / n if n else 1.0,
+            "batch_share_min": float(min(shares)) if n else 1.0,
             "short_steps": int(short), "short_fraction": short / n if n else 0.0,
             "full_fraction": float((fills_a >= min_fill - 1e-12).mean()) if n else 1.0,
             "fill_min": float(fills_a.min()) if n else 1.0, "fill_mean": float(fills_a.mean()) if n else 1.0,

@@ -7,7 +7,8 @@ O(stage samples / world size). The full plan exists only while this is built.
 Spares: the candidates of a bucket are its ids the plan left out this epoch first, then the others (repeats),
 dealt i ≡ rank (mod world size), so two ranks never hold the same candidate. `cand_step[j]` is the step in
 which candidate j is planned on any rank (-1: in no step), so "never one planned in that step" is one array
-comparison instead of a search over the plan.
+comparison instead of a search over the plan. An id the plan schedules twice (a carried-in sample that also
+trains for its own epoch, `plan.Plan.repeats`) is no candidate: it has two steps.
 """
 
 from __future__ import annotations
@@ -90,10 +91,14 @@ class RankPlan:
                   + [int(v[-1]) + 1 for v in bucket_ids.values() if len(v)])
         step_of = np.full(top, -1, np.int32)
         step_of[every] = np.repeat(np.arange(n, dtype=np.int32), [st.samples.size for st in plan.steps])
+        twice = plan.repeats() if plan.carried_in.size else np.zeros(0, np.int64)
         dropped = np.asarray(plan.dropped, np.int64)
         cands, cand_step, cand_left = {}, {}, {}
         for b in plan.buckets:
             all_ids = np.asarray(bucket_ids.get(b, np.zeros(0, np.int64)), np.int64)
+            if twice.size and all_ids.size:
+                pos = np.minimum(np.searchsorted(twice, all_ids), twice.size - 1)
+                all_ids = all_ids[twice[pos] != all_ids]
             is_left = np.zeros(all_ids.size, bool)
             if all_ids.size and dropped.size:
                 pos = np.minimum(np.searchsorted(all_ids, dropped), all_ids.size - 1)

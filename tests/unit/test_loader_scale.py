@@ -268,3 +268,26 @@ def test_a_dropped_source_stops_its_workers(tmp_path):
     while any(os.path.exists(f"/proc/{p}") for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(os.path.exists(f"/proc/{p}") for p in pids)
+
+
+def test_two_ranks_carry_a_short_tail_into_the_next_epoch(tmp_path):
+    """11 samples, 2 ranks, 2 a step: 5 per rank = 2 full steps and a tail of 1, carried (plan.py, "Carried
+    remainders"): every step the loader hands out is full and holds no sample twice, the tail trains in the next
+    epoch; one rank plans the standalone epoch."""
+    _write(tmp_path, {A: [11]})
+    ranks = [_source(tmp_path, r, 2) for r in range(2)]
+    for src in ranks:
+        src.set_stage(_stage(A, 2), teacher=False)
+    plans = [ranks[0]._stage_plan(ranks[0].stage, e, [[0, 2]])[0] for e in range(3)]
+    assert all(p.carry for p in plans) and plans[0].carried.size == 2 and plans[0].dropped.size == 1
+    assert np.array_equal(plans[1].carried_in, plans[0].carried)
+    keys = {int(k[1:]): k for k in (f"s{i:04d}" for i in range(11))}
+    for step in range(1, sum(p.num_steps for p in plans) + 1):
+        got = [k for src in ranks for b in src.next_step(step) for k in b.keys]
+        assert len(got) == 4 == len(set(got))  # 2 per rank, no sample twice in a step
+        epoch, in_epoch = ranks[0].epoch, ranks[0].step_in_epoch - 1
+        plan = plans[epoch]
+        assert sorted(got) == sorted(keys[int(g)] for g in plan.steps[in_epoch].samples.ravel())
+    one = _source(tmp_path, 0, 1)
+    one.set_stage(_stage(A, 2), teacher=False)
+    assert not one._stage_plan()[0].carry  # one rank: nothing to carry, every sample of the epoch in it

@@ -14,8 +14,11 @@ from motif_train.data.plan import (
     MAX_DROP,
     Plan,
     _bucket_steps,
+    _carry_steps,
     bucket_batch_size,
     build_plan,
+    carried_in_per_rank,
+    full_batch_need,
     naive_plan_utilization,
     plan_stats,
     replan,
@@ -76,6 +79,16 @@ def stage_ids(manifest, buckets) -> dict[str, np.ndarray]:
     return {b: by[b] for b in buckets}
 
 
+def own_instances(plan: Plan) -> np.ndarray:
+    """The scheduled ids without one instance of each carried-in id (with carry: this epoch's own instances)."""
+    sched = np.sort(plan.scheduled_ids())
+    if not plan.carried_in.size:
+        return sched
+    first = np.searchsorted(sched, np.sort(plan.carried_in))
+    assert np.array_equal(sched[first], np.sort(plan.carried_in))  # every carried-in id trains in the plan
+    return np.delete(sched, first)
+
+
 def check_plan(plan: Plan, manifest: dict, buckets: list[str], exclude=None) -> np.ndarray:
     """Invariants of any plan; returns the scheduled ids."""
     ids = stage_ids(manifest, buckets)
@@ -88,10 +101,13 @@ def check_plan(plan: Plan, manifest: dict, buckets: list[str], exclude=None) -> 
         assert s.samples.shape[0] == w and s.samples.shape[1] >= 1  # one row per rank, equal lengths
         assert {bucket_of[int(i)] for i in s.samples.ravel()} == {s.bucket}  # same bucket on every rank
     sched = plan.scheduled_ids()
-    assert np.unique(sched).size == sched.size  # no repeats across ranks and steps
-    allv = np.concatenate([sched, plan.dropped])
+    for s in plan.steps:
+        assert np.unique(s.samples).size == s.samples.size  # never one id twice in a step
+    own = own_instances(plan)  # this epoch's instances: every scheduled id without carry
+    assert np.unique(own).size == own.size  # no repeats across ranks and steps
+    allv = np.concatenate([own, plan.carried, plan.dropped])
     stage = np.sort(np.concatenate(list(ids.values())))
-    assert np.array_equal(np.sort(allv), stage)  # scheduled ∪ dropped == stage samples, disjoint
+    assert np.array_equal(np.sort(allv), stage)  # scheduled ∪ (carried ∪) dropped == stage samples, disjoint
     assert plan.total == stage.size
     dropped = np.array([bucket_of[int(i)] for i in plan.dropped])
     inevitable = 0
@@ -397,27 +413,189 @@ def _bench_plan():
 
 
 def test_long_tailed_48_buckets_64_ranks():
-    """The figures of docs/benchmarks.md ("Planner: steps against the token budget"): 1M samples, 48
-    Zipf buckets, 64 ranks; images plain at 8192, 256p x 33 and 480p x 81 attention-aware."""
+    """The figures of docs/benchmarks.md ("Planner: steps against the token budget"): 10⁶ samples in 48 Zipf
+    buckets, 64 ranks, the recipe's four stages and three long-tail stages, 3 consecutive epochs (the
+    benchmark runs 8). With carry every stage has >= 98 % of its steps at >= 90 % of the full batch; the
+    standalone epoch (the planner before) does not: the tails of b = 8 / b = 2 buckets."""
     bench = _bench_plan()
     manifest = bench.long_tailed_manifest(1_000_000, seed=0)
     assert len(manifest["buckets"]) == 48
-    for stage in bench.stages():
-        kw = dict(world_size=64, token_budget=stage["token_budget"], seed=0, epoch=0,
-                  attention_aware=stage["attention_aware"])
-        plan = build_plan(manifest, stage["buckets"], **kw)
-        stats = plan_stats(plan, manifest)
+    recipe = bench.recipe_stages()
+    assert [len(st["buckets"]) for st in recipe] == [5, 3, 3, 3]  # configs/curriculum/motif_4stage.yaml
+    assert all(b in manifest["buckets"] for st in recipe for b in st["buckets"])
+    worst_before = 1.0
+    for stage in recipe + bench.long_tail_stages(recipe):
+        kw = dict(world=64, epochs=3, seed=0)
+        c = bench.stage_epochs(manifest, stage, carry=True, **kw)
         name = stage["name"]
-        assert stats["utilization"] >= 0.99, name
-        assert stats["full_fraction"] >= 0.98, (name, stats["full_fraction"])  # steps >= 90 % of the budget
-        assert stats["short_fraction"] <= 0.02, (name, stats["short_fraction"])
-        assert stats["max_budget_ratio"] <= 1.0 and not stats["over_budget"], name
-        batch = dict(zip(plan.buckets, plan.per_rank_batch, strict=True))
-        small = [s for s in plan.steps if s.per_rank < 0.5 * batch[s.bucket]]  # "3 images instead of 32"
-        assert len(small) <= 0.02 * plan.num_steps, name
-        unfolded = plan_stats(build_plan(manifest, stage["buckets"], min_fill=1e-9, max_drop=0.0, **kw), manifest)
-        assert stats["short_fraction"] <= unfolded["short_fraction"], name
-        if not stage["attention_aware"]:  # the image stage is where tails hurt: 6.7 % short steps unfolded
-            assert unfolded["short_fraction"] > 0.05 and stats["short_fraction"] < 0.01
-        again = build_plan(manifest, stage["buckets"], **kw).to_arrays()
-        assert all(np.array_equal(v, again[k]) for k, v in plan.to_arrays().items())  # deterministic
+        assert c["full_share_worst_epoch"] >= 0.98 and c["utilization_min"] >= 0.99, (name, c)
+        assert c["left_out_twice_in_a_row"] == 0 and c["carry_lost"] == 0, (name, c)
+        assert c["smallest_step_share"] >= 0.9, (name, c)
+        before = bench.stage_epochs(manifest, stage, carry=False, **kw)
+        worst_before = min(worst_before, before["full_share"])
+    assert worst_before < 0.97  # the issue: 96-97 % of steps full in the 256p and 480p stages
+
+
+# ---- carried remainders (carry=True: the trainer's loader from two ranks on) ------------------------------
+
+
+def test_full_batch_need():
+    assert [full_batch_need(b) for b in (1, 2, 8, 9, 10, 14, 32, 34)] == [1, 2, 8, 9, 9, 13, 29, 31]
+
+
+@pytest.mark.parametrize("q_n, b, need", [(87, 2, 2), (77, 8, 8), (40, 32, 29), (63, 32, 29), (1227, 32, 29)])
+def test_carried_in_per_rank_is_the_recursion_and_periodic(q_n, b, need):
+    t, seen = 0, []
+    for _ in range(200):
+        seen.append(t)
+        t = _carry_steps(q_n, t, b, need)[1]
+    for e in (0, 1, 2, 3, 17, 199):
+        assert carried_in_per_rank(q_n * 64 + 5, 64, b, need, e) == seen[e]
+    assert carried_in_per_rank(q_n * 64 + 5, 64, b, need, 10**9) < need  # O(need): cycles are jumped
+    for t_in in range(need):  # every step full, the carry below one full step
+        sizes, t_out = _carry_steps(q_n, t_in, b, need)
+        assert all(need <= x <= b for x in sizes) and 0 <= t_out < need and sum(sizes) + t_out == q_n + t_in
+    assert carried_in_per_rank(5 * 64, 64, 8, 8, 3) == 0  # smaller than one full step of its own: no carry
+
+
+def check_epochs(manifest: dict, names: list[str], epochs: int, **kw) -> list[Plan]:
+    """Consecutive carry plans: each one's invariants, and between them what was carried out is carried in,
+    nothing left out twice in a row, and every sample of an epoch trained once for it (in its own plan or,
+    carried, in the next one's) unless left out."""
+    plans = [build_plan(manifest, names, epoch=e, carry=True, **kw) for e in range(epochs)]
+    for e, plan in enumerate(plans):
+        assert plan.carry and plan.carry_lost.size == 0
+        check_plan(plan, manifest, names)
+        if e:
+            prev = plans[e - 1]
+            assert np.array_equal(plan.carried_in, prev.carried)  # the remainder trains in the next plan
+            assert np.intersect1d(plan.dropped, prev.dropped).size == 0  # never left out twice in a row
+        else:
+            assert plan.carried_in.size == 0
+    return plans
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(stages(), st.integers(1, 4))
+def test_carry_invariants(s, epochs):
+    """Random stages: one per-rank shape per step, no id twice in a step, the budget bound, the carry chain."""
+    m, names = s["manifest"], s["buckets"]
+    big = [b for b in names if sample_ids_by_bucket(m)[b].size >= s["world_size"]]  # smaller ones: all left out
+    if not big:
+        return
+    kw = dict(world_size=s["world_size"], token_budget=s["token_budget"], seed=s["seed"],
+              attention_aware=s["attention_aware"])
+    for plan in check_epochs(m, big, epochs, **kw):
+        b = dict(zip(plan.buckets, plan.per_rank_batch, strict=True))
+        n = {x: sample_ids_by_bucket(m)[x].size // s["world_size"] for x in big}
+        for step in plan.steps:  # a step under 90 % of its full batch only for a bucket smaller than one
+            assert step.per_rank >= full_batch_need(b[step.bucket]) or n[step.bucket] < b[step.bucket]
+        again = build_plan(m, big, epoch=plan.epoch, carry=True, **kw).to_arrays()  # recomputed exactly on resume
+        assert all(np.array_equal(v, again[k]) for k, v in plan.to_arrays().items())
+
+
+def test_carry_moderate_long_tailed_manifest():
+    """A moderate version of the benchmark (200k samples, 48 Zipf buckets, 16 ranks): every stage >= 98 % of
+    its steps at >= 90 % of the full batch and >= 99 % utilization in each of 4 epochs, no sample left out two
+    epochs in a row; the standalone epoch misses the 98 % somewhere."""
+    bench = _bench_plan()
+    manifest = bench.long_tailed_manifest(200_000, seed=0)
+    recipe = bench.recipe_stages()
+    before = []
+    for stage in recipe + bench.long_tail_stages(recipe):
+        kw = dict(world_size=16, token_budget=stage["token_budget"], seed=0,
+                  attention_aware=stage["attention_aware"])
+        for plan in check_epochs(manifest, stage["buckets"], 4, **kw):
+            stats = plan_stats(plan, manifest)
+            assert stats["batch_full_fraction"] >= 0.98 and stats["utilization"] >= 0.99, (stage["name"], stats)
+            assert stats["max_budget_ratio"] <= 1.0
+            assert all(step.samples.shape == (16, step.per_rank) for step in plan.steps)
+        legacy = plan_stats(build_plan(manifest, stage["buckets"], epoch=1, **kw), manifest)
+        before.append(legacy["batch_full_fraction"])
+    assert min(before) < 0.98
+
+
+def test_carry_epoch_zero_is_the_standalone_plan_without_its_tails():
+    """Where both agree on which steps are full, epoch 0 with carry keeps every other step of the standalone
+    plan, the same ids on the same ranks (the tails are carried), so a run's first epoch is what `build_plan`
+    says it is minus those tails."""
+    manifest = make_manifest([64 * 67 + 5, 64 * 192 + 9, 64 * 30], [256, 256, 256])
+    names = list(manifest["buckets"])
+    kw = dict(world_size=64, token_budget=8192, seed=3, epoch=0, max_drop=0.0)
+    plain, carry = build_plan(manifest, names, **kw), build_plan(manifest, names, carry=True, **kw)
+    rows = {s.samples.tobytes() for s in plain.steps}
+    assert all(s.samples.tobytes() in rows for s in carry.steps)
+    assert carry.num_steps == plain.num_steps - 1 and carry.carried.size == 64 * 3  # 67 = 2 x 32 + 3 per rank
+    assert np.array_equal(np.sort(carry.dropped), np.sort(plain.dropped))  # the < 64 remainders
+
+
+def test_carry_replan_after_a_world_size_change():
+    manifest, _, _ = long_tailed_manifest(n_buckets=8, total=40_000, seed=2)
+    names = list(manifest["buckets"])
+    kw = dict(token_budget=8192, seed=1, epoch=3, carry=True)
+    p8 = build_plan(manifest, names, world_size=8, **kw)
+    final, off = replan(manifest, names, segments=[(0, 8), (7, 3)], **kw)
+    consumed = np.concatenate([s.samples.ravel() for s in p8.steps[:7]])
+    later = final.scheduled_ids()
+    assert off == 7 and final.world_size == 3 and np.intersect1d(consumed, later).size == 0
+    for s in final.steps:
+        assert s.samples.shape[0] == 3 and np.unique(s.samples).size == s.samples.size
+    stage = np.concatenate([sample_ids_by_bucket(manifest)[b] for b in names])
+    assert np.array_equal(np.unique(np.concatenate([consumed, later, final.carried, final.dropped])),
+                          np.unique(stage))  # every sample of the epoch: trained, carried on, or left out
+    again, _ = replan(manifest, names, segments=[(0, 8), (7, 3)], **kw)
+    assert all(np.array_equal(v, again.to_arrays()[k]) for k, v in final.to_arrays().items())
+
+
+def test_carry_plan_save_load_and_format_1(tmp_path):
+    manifest = make_manifest([64 * 67 + 5, 64 * 41], [256, 300])
+    names = list(manifest["buckets"])
+    plan = build_plan(manifest, names, world_size=64, token_budget=8192, seed=0, epoch=1, carry=True)
+    assert plan.carried_in.size and plan.repeats().size
+    plan.save(tmp_path / "p.npz")
+    back = Plan.load(tmp_path / "p.npz")
+    assert back.carry and all(np.array_equal(getattr(back, k), getattr(plan, k))
+                              for k in ("carried_in", "carried", "carry_lost", "dropped"))
+    old = build_plan(manifest, names, world_size=64, token_budget=8192, seed=0, epoch=1).to_arrays()
+    old["format"], old["meta"] = np.array([1]), old["meta"][:6]
+    for k in ("carried_in", "carried", "carry_lost"):
+        del old[k]
+    with open(tmp_path / "old.npz", "wb") as f:
+        np.savez_compressed(f, **old)
+    legacy = Plan.load(tmp_path / "old.npz")
+    assert not legacy.carry and legacy.carried_in.size == 0 and legacy.num_steps == len(old["step_shape"])
+
+
+def test_repeats_are_never_spares():
+    from motif_train.data.rank_plan import RankPlan
+
+    manifest = make_manifest([64 * 67 + 5, 64 * 41], [256, 300])
+    names = list(manifest["buckets"])
+    plan = build_plan(manifest, names, world_size=64, token_budget=8192, seed=0, epoch=1, carry=True)
+    twice = set(plan.repeats().tolist())
+    assert twice
+    for rank in (0, 63):
+        view = RankPlan.of(plan, 0, rank, 1, sample_ids_by_bucket(manifest))
+        assert not twice & {int(c) for v in view.cands.values() for c in v}
+
+
+def test_cli_reports_the_carry(tmp_path, capsys):
+    manifest = make_manifest([64 * 67 + 5, 64 * 41], [256, 300])
+    (tmp_path / "m.json").write_text(json.dumps(manifest))
+    args = ["--manifest", str(tmp_path / "m.json"), "--buckets", *manifest["buckets"], "--world-size", "64",
+            "--token-budget", "8192", "--epoch", "1", "--no-naive", "--report", str(tmp_path / "r.json"), "--carry"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    plan = build_plan(manifest, list(manifest["buckets"]), world_size=64, token_budget=8192, seed=0, epoch=1,
+                      carry=True)
+    assert f"carried in from epoch 0: {plan.carried_in.size:,} sample(s)" in out
+    assert f"{plan.repeats().size:,} of them also train for epoch 1 here" in out
+    assert f"carried to epoch 2: {plan.carried.size:,} sample(s)" in out and plan.carried.size
+    assert "never the same ones two epochs in a row" in out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["carry"] and report["carried_in"] == plan.carried_in.size and report["batch_full_fraction"] == 1.0
+    assert main(args[:-1]) == 0  # without --carry: the standalone epoch, like replan's default and the dry run
+    assert "carry: off" in capsys.readouterr().out
+    one = [*args, "--world-size", "1"]  # the last one counts
+    assert main(one) == 0  # one rank: the standalone epoch even with --carry, as the loader plans it
+    assert "carry: off" in capsys.readouterr().out
