@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from motif_train.config import TrainConfig, uses_shards, validate
 from motif_train.data.curriculum import StageConfig
-from motif_train.data.plan import Plan, bucket_batch_size, replan
+from motif_train.data.plan import Plan, bucket_batch_size, carries, replan
 from motif_train.data.shards import bucket_name
 from motif_train.distributed import cost
 from motif_train.distributed.memory_model import GIB, FakeModel, analytic_state_gib, teacher_gib
@@ -123,13 +123,14 @@ def stage_steps(cfg: TrainConfig) -> list[int]:
 
 
 def stage_plans(cfg: TrainConfig, manifest: dict, dp: int) -> list[Plan]:
-    """One epoch's plan per stage over `dp` data-parallel ranks: `replan` with motif-plan's arguments."""
+    """One epoch's plan per stage over `dp` data-parallel ranks as the trainer's loader builds it (a tail carried
+    into the next epoch from two ranks on, `plan.carries`): `motif-plan --carry`'s plan."""
     out = []
     for i, st in enumerate(cfg.curriculum.stages):
         names = [bucket_name(*b) for b in st.buckets]
         try:
             plan, _ = replan(manifest, names, segments=[(0, dp)], token_budget=st.token_budget,
-                             seed=cfg.train.seed, epoch=0, attention_aware=st.attention_aware)
+                             seed=cfg.train.seed, epoch=0, attention_aware=st.attention_aware, carry=carries(dp))
         except (ValueError, KeyError) as e:
             raise DryRunError(f"curriculum.stages[{i}] ({st.name}): plan for {dp} data-parallel ranks: {e}") from None
         if plan.num_steps == 0:
@@ -168,7 +169,8 @@ def check(cfg: TrainConfig, *, need_manifest: bool = True) -> tuple[dict, list[P
         plans = stage_plans(cfg, manifest, world // cp)
         out["plan_steps"] = [p.num_steps for p in plans]
         out["plan_note"] = (f"replan(..., segments=[(0, {world // cp})]) per stage (the data-parallel ranks: world "
-                            f"{world} / parallel.cp {cp}), epoch 0, seed {cfg.train.seed}")
+                            f"{world} / parallel.cp {cp}), carry={carries(world // cp)}, epoch 0, "
+                            f"seed {cfg.train.seed}")
     return out, plans
 
 

@@ -113,7 +113,7 @@ def test_plan_steps_equal_motif_plan(tmp_path):
     for i in range(2):
         args = argparse.Namespace(manifest=str(tmp_path), buckets=None, stage_from_config=str(
             ROOT / "configs" / "curriculum" / "tiny.yaml"), stage=i, world_size=64, segments=None, token_budget=None,
-            attention_aware=False, seed=0, epoch=0, out=None, report=None, no_naive=True)
+            attention_aware=False, seed=0, epoch=0, out=None, report=None, no_naive=True, carry=True)
         want.append(motif_plan.run(args, Console(file=open(tmp_path / "plan.txt", "w")))["steps"])
     assert got == want and all(s > 0 for s in got)
 

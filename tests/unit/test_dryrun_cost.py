@@ -110,7 +110,7 @@ def test_plan_steps_at_cp2_are_motif_plans_over_the_data_parallel_ranks(tmp_path
     for i in range(2):
         args = argparse.Namespace(manifest=str(root), buckets=None, stage_from_config=str(
             ROOT / "configs" / "curriculum" / "tiny.yaml"), stage=i, world_size=32, segments=None, token_budget=None,
-            attention_aware=False, seed=0, epoch=0, out=None, report=None, no_naive=True)
+            attention_aware=False, seed=0, epoch=0, out=None, report=None, no_naive=True, carry=True)
         want.append(motif_plan.run(args, Console(file=open(tmp_path / "plan.txt", "w")))["steps"])
     assert checks["plan_steps"] == want and checks["dp_world"] == 32
     assert checks["mesh"] == [8, 8] and checks["mesh_dims"] == ["dp_replicate", "dp_shard x cp"]
