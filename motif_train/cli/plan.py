@@ -106,7 +106,7 @@ def _table(stats: dict, naive: float | None, world_size: int) -> Table:
     cols = ["bucket", "tokens", "samples", "per-rank batch", "steps", "short steps", "scheduled"]
     cols += ["carried in", "carried out"] if stats["carry"] else []
     width = max((len(n) for n in stats["per_bucket"]), default=6)
-    for col in [*cols, "left out"]:
+    for col in [*cols, "left out", "held out"]:
         if col == "bucket":  # bucket names whole, the numbers' headers wrap instead
             t.add_column(col, justify="left", no_wrap=True, min_width=max(6, width))
         else:
@@ -114,11 +114,11 @@ def _table(stats: dict, naive: float | None, world_size: int) -> Table:
     for name, b in stats["per_bucket"].items():
         carry = [f"{b['carried_in']:,}", f"{b['carried']:,}"] if stats["carry"] else []
         t.add_row(name, f"{b['tokens']:,}", f"{b['samples']:,}", str(b["per_rank_batch"]), f"{b['steps']:,}",
-                  f"{b['short_steps']:,}", f"{b['scheduled']:,}", *carry, f"{b['dropped']:,}")
+                  f"{b['short_steps']:,}", f"{b['scheduled']:,}", *carry, f"{b['dropped']:,}", f"{b['held_out']:,}")
     t.add_section()
     carry = [f"{stats['carried_in']:,}", f"{stats['carried']:,}"] if stats["carry"] else []
     t.add_row("total", "", f"{stats['total']:,}", "", f"{stats['steps']:,}", f"{stats['short_steps']:,}",
-              f"{stats['scheduled']:,}", *carry, f"{stats['dropped']:,}")
+              f"{stats['scheduled']:,}", *carry, f"{stats['dropped']:,}", f"{stats['held_out']:,}")
     naive_txt = "n/a" if naive is None else f"{naive:.1%}"
     t.caption = (f"utilization: ours {stats['utilization']:.2%}  vs naive per-rank bucketing {naive_txt}\n"
                  f"steps >= 90 % of their bucket's full per-rank batch: {stats['batch_full_fraction']:.1%}  "
@@ -126,6 +126,16 @@ def _table(stats: dict, naive: float | None, world_size: int) -> Table:
                  f"{stats['full_fraction']:.1%}\nmost video tokens on a rank: {stats['max_tokens_per_rank']:,} "
                  f"({stats['max_budget_ratio']:.2f} x token_budget)")
     return t
+
+
+def heldout_line(stats: dict, manifest: dict) -> str:
+    """The stage's held-out (validation) samples: never planned for training (docs/data.md)."""
+    split = manifest.get("val_split")
+    if not split:
+        return "held out for validation: none (a manifest without val_split; re-run motif-preprocess to add one)"
+    return (f"held out for validation: {stats['held_out']:,} sample(s) of these buckets, never planned for training "
+            f"(val_fraction {split.get('fraction', 0):g}, val_min_per_bucket {split.get('min_per_bucket', 0)}; "
+            f"{split.get('samples', 0):,} in the whole manifest)")
 
 
 def carry_lines(stats: dict, epoch: int) -> list[str]:
@@ -204,7 +214,7 @@ def run(args: argparse.Namespace, console: Console) -> dict:
         raise PlanInputError(str(e)) from None
     stats = plan_stats(plan, manifest)
     console.print(_table(stats, naive, plan.world_size))
-    for line in carry_lines(stats, args.epoch):
+    for line in carry_lines(stats, args.epoch) + [heldout_line(stats, manifest)]:
         console.print(line, markup=False, soft_wrap=True)
     if stats["over_budget"]:
         console.print(f"warning: one sample of {', '.join(stats['over_budget'])} is over the token budget "

@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-text-len", type=int, default=512, help="tokenizer max_length (default 512)")
     p.add_argument("--decode-threads", type=int, default=0, help="decord threads per reader (0: auto)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--val-fraction", type=float, default=0.01,
+                   help="held-out (validation) share of every bucket, by a stable hash of the sample key "
+                        "(default 0.01; 0: none beyond --val-min-per-bucket); never planned for training")
+    p.add_argument("--val-min-per-bucket", type=int, default=8,
+                   help="hold out at least this many samples per bucket, at most 10%% of the bucket "
+                        "(default 8; docs/data.md, 'The held-out split')")
     return p
 
 
@@ -115,12 +121,15 @@ def main(argv: list[str] | None = None) -> int:
                         shard_bytes=int(args.shard_mb * (1 << 20)), device=device, rank=rank, world_size=world,
                         max_text_len=args.max_text_len, max_frames=args.max_frames, stages=stages,
                         dtype=_DTYPES[args.dtype], progress=not args.no_progress,
-                        decode_threads=args.decode_threads)
+                        decode_threads=args.decode_threads, val_fraction=args.val_fraction,
+                        val_min_per_bucket=args.val_min_per_bucket)
     if rank == 0:
         t = result["totals"]
         print(json.dumps({"out": str(args.out), "samples": t["samples"], "tokens": t["tokens"],
                           "shards": t["shards"], "bytes": t["bytes"], "dropped": result["dropped"],
-                          "buckets": {k: v["samples"] for k, v in result["buckets"].items()}}, indent=1))
+                          "buckets": {k: v["samples"] for k, v in result["buckets"].items()},
+                          "held_out": {k: v["samples"] for k, v in result["val_split"]["buckets"].items()}},
+                         indent=1))
     return 0
 
 

@@ -62,6 +62,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .split import heldout_counts, heldout_ids_by_bucket
+
 PLAN_FORMAT = 2  # 2: carry (meta[6]) and the carried_in / carried / carry_lost arrays; format 1 still loads
 _U64 = 2**64
 MIN_FILL = 0.9  # a step with fewer than this share of its bucket's full per-rank batch is "short"
@@ -119,15 +121,23 @@ def effective_tokens(tokens: int, *, attention_aware: bool, ref_tokens: int, bas
     return tokens * (ref_tokens + tokens) / (ref_tokens + base_tokens)
 
 
-def sample_ids_by_bucket(manifest: dict) -> dict[str, np.ndarray]:
-    """Global sample ids (int64, ascending) of every bucket named in the manifest's ``buckets``/``shards``."""
+def sample_ids_by_bucket(manifest: dict, *, heldout: bool = False) -> dict[str, np.ndarray]:
+    """Global sample ids (int64, ascending) of every bucket named in the manifest's ``buckets``/``shards``:
+    the TRAINING ids, i.e. without the held-out (validation) ids of the manifest's ``val_split``
+    (``data/split.py``), so no plan — any epoch, stage, carry on or off, after ``replan`` — and no spare ever
+    holds one. ``heldout=True``: every id, held-out ones included."""
     chunks: dict[str, list[np.ndarray]] = {name: [] for name in manifest.get("buckets", {})}
     start = 0
     for shard in manifest.get("shards", []):
         n = len(shard["keys"]) if "keys" in shard else int(shard["samples"])
         chunks.setdefault(shard["bucket"], []).append(np.arange(start, start + n, dtype=np.int64))
         start += n
-    return {k: (np.concatenate(v) if v else np.zeros(0, np.int64)) for k, v in chunks.items()}
+    out = {k: (np.concatenate(v) if v else np.zeros(0, np.int64)) for k, v in chunks.items()}
+    if not heldout:
+        for b, held in heldout_ids_by_bucket(manifest).items():
+            if held.size and b in out:
+                out[b] = out[b][~np.isin(out[b], held)]
+    return out
 
 
 def _stage_buckets(manifest: dict, buckets: list[str]) -> list[str]:
@@ -664,10 +674,12 @@ def plan_stats(plan: Plan, manifest: dict, *, min_fill: float = MIN_FILL) -> dic
       bucket's single sample is over budget: those are listed in ``over_budget``);
     - ``dropped`` (left out: neither trained here nor carried), ``carried_in`` (the previous epoch's remainder
       trained here), ``carried`` (this epoch's remainder, trained in the next plan), ``repeats`` (carried-in ids
-      that also train for this epoch in this plan, never in the same step), ``carry_lost``, ``utilization``
+      that also train for this epoch in this plan, never in the same step), ``carry_lost``, ``held_out`` (the
+      stage's validation samples, per bucket too: never planned, not in ``samples`` / ``total``), ``utilization``
       (1 - dropped / total) and ``trained_fraction`` (this epoch's instances trained in this plan / total).
     """
     ids, lab = _id_bucket_lookup(manifest, plan.buckets)
+    held = heldout_counts(manifest, plan.buckets)  # validation samples of these buckets: never in a plan
 
     def per_bucket_count(x) -> np.ndarray:
         x = np.asarray(x, np.int64)
@@ -697,14 +709,14 @@ def plan_stats(plan: Plan, manifest: dict, *, min_fill: float = MIN_FILL) -> dic
         per_bucket[name] = {"samples": sched - int(n_in[i]) + int(n_out[i]) + int(n_dropped[i]), "scheduled": sched,
                             "dropped": int(n_dropped[i]), "carried_in": int(n_in[i]), "carried": int(n_out[i]),
                             "per_rank_batch": int(b), "steps": len(st), "tokens": tokens[name],
-                            "short_steps": int(n_short)}
+                            "short_steps": int(n_short), "held_out": int(held.get(name, 0))}
     n = plan.num_steps
     fills_a = np.asarray(fills, np.float64)
     return {"utilization": plan.utilization, "trained_fraction": plan.trained_fraction, "steps": n,
             "scheduled": plan.scheduled, "total": plan.total, "dropped": int(dropped.size), "carry": plan.carry,
             "carried_in": int(np.asarray(plan.carried_in).size), "carried": int(np.asarray(plan.carried).size),
             "repeats": int(repeats.size), "carry_lost": int(np.asarray(plan.carry_lost).size),
-            "per_bucket": per_bucket,
+            "held_out": int(sum(held.values())), "per_bucket": per_bucket,
             "batch_full_fraction": full_batch / n if n else 1.0,
             "batch_share_min": float(min(shares)) if n else 1.0,
             "short_steps": int(short), "short_fraction": short / n if n else 0.0,

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from . import shards as S
+from .split import apply_split
 
 log = logging.getLogger(__name__)
 PathLike = str | Path
@@ -390,14 +391,17 @@ def preprocess(inputs, out: PathLike, encoders_root, *, buckets, fps: float | No
                shard_bytes: int = 512 << 20, device: str = "cpu", rank: int = 0, world_size: int = 1,
                max_text_len: int = 512, max_frames: int | None = None, stages: Mapping | None = None,
                dtype: torch.dtype = torch.float32, progress: bool = True, decode_threads: int = 0,
-               wait_timeout: float = 24 * 3600.0) -> dict:
+               wait_timeout: float = 24 * 3600.0, val_fraction: float = 0.0, val_min_per_bucket: int = 0,
+               val_max_share: float = 0.1) -> dict:
     """Preprocess `inputs` into `<out>` (module doc; format in shards.py). Returns the manifest on rank 0,
     this rank's summary {"rank", "written", "failed", "skipped", "seconds"} elsewhere.
 
     encoders_root: folder for `load_encoders`, or an already loaded `FrozenEncoders`. buckets: (F, H, W)
     triples or "FxHxW" names. teacher: True (every bucket), False, or the buckets that get REPA teacher
     pixels. stages: {stage name: [bucket, ...]} for the manifest's per-stage totals. fps: target fps
-    (None keeps the source fps; a lower source fps is kept, never upsampled).
+    (None keeps the source fps; a lower source fps is kept, never upsampled). val_fraction, val_min_per_bucket,
+    val_max_share: the held-out split recorded in the manifest (data/split.py; default none); not a content
+    setting, so a re-run may change it, and keys held out by this root's previous manifest stay held out.
     """
     out = Path(out)
     names = sorted(set(_names(buckets)), key=S.parse_bucket)
@@ -453,7 +457,8 @@ def preprocess(inputs, out: PathLike, encoders_root, *, buckets, fps: float | No
         return {"rank": rank, "written": written, "failed": len(mine) - written, "skipped": len(finished),
                 "seconds": dt}
     _wait_for_ranks(out, items, world_size, fingerprint, wait_timeout)
-    return _finalize(out, enc, settings, stage_map, names, max_text_len, world_size, inputs)
+    return _finalize(out, enc, settings, stage_map, names, max_text_len, world_size, inputs,
+                     val=(float(val_fraction), int(val_min_per_bucket), float(val_max_share)))
 
 
 def _process(item: ClipItem, reader: _Reader, enc: _Encoders, writer: S.ShardWriter, fail, *, blist, fps,
@@ -532,7 +537,7 @@ def _tar_member_names(path: Path) -> list[str]:
 
 
 def _finalize(out: Path, enc: _Encoders, settings: dict, stage_map: dict, names: list[str], max_text_len: int,
-              world_size: int, inputs) -> dict:
+              world_size: int, inputs, val: tuple[float, int, float] = (0.0, 0, 0.1)) -> dict:
     entries = []
     for e in _journal_entries(out):
         path = out / e["shard"]
@@ -565,5 +570,12 @@ def _finalize(out: Path, enc: _Encoders, settings: dict, stage_map: dict, names:
                                 stages=stage_map or None, encoders=encoders, config=config, buckets=names)
     for name, b in manifest["buckets"].items():
         b["teacher"] = name in settings["teacher_buckets"]
+    previous = None
+    if (out / S.MANIFEST_NAME).is_file():  # a re-run: its held-out keys stay held out (data/split.py)
+        try:
+            previous = json.loads((out / S.MANIFEST_NAME).read_text())
+        except ValueError:
+            log.warning("%s is not valid JSON: the held-out split starts afresh", out / S.MANIFEST_NAME)
+    apply_split(manifest, fraction=val[0], min_per_bucket=val[1], max_share=val[2], previous=previous)
     S.save_manifest(out, manifest)
     return manifest

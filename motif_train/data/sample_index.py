@@ -166,8 +166,12 @@ class SampleIndex:
         return int(self.samples.shape[0])
 
     def plan_manifest(self) -> dict:
-        """What `plan.build_plan` reads (bucket table + per-shard counts), O(buckets) instead of O(samples)."""
-        return {"buckets": self.head.get("buckets", {}), "shards": self.runs}
+        """What `plan.build_plan` reads (bucket table + per-shard counts + the held-out split), O(buckets + held-out)
+        instead of O(samples)."""
+        out = {"buckets": self.head.get("buckets", {}), "shards": self.runs}
+        if self.head.get("val_split"):  # the held-out ids: O(held-out), never planned for training
+            out["val_split"] = self.head["val_split"]
+        return out
 
     @classmethod
     def from_manifest(cls, manifest: Mapping) -> SampleIndex:
