@@ -15,6 +15,11 @@ where the pipeline has them)::
     out_dir/feature_extractor/  SiglipImageProcessor config (resize/normalise for SigLIP)
     out_dir/image_encoder/      SiglipVisionModel: the same weights as text_encoder.vision_tower
     out_dir/teacher/            VJEPA2Model (REPA teacher)
+
+and, only with `build_tiny_encoders(out_dir, metric_encoder=True)`::
+
+    out_dir/clip/               CLIPModel + tokenizer + CLIPImageProcessor config: the
+                                image-text encoder of the evaluation metrics (video_metrics.py)
 """
 
 from __future__ import annotations
@@ -35,6 +40,10 @@ SUBFOLDERS = {
     "image_encoder": "image_encoder",
     "teacher": "teacher",
 }
+
+# The evaluation metrics' image-text encoder (CLIP or SigLIP, `motif_train.video_metrics`): not a
+# training component, so not in SUBFOLDERS (whose keys `build_tiny_encoders` returns by default).
+METRIC_SUBFOLDER = "clip"
 
 # Tiny dims, exported so tests and demos can assert shapes without reading configs.
 TINY_DIMS = {
@@ -152,6 +161,35 @@ def _tiny_teacher(seed: int):
     return VJEPA2Model(cfg)
 
 
+def _tiny_clip(seed: int, vocab_size: int, max_length: int):
+    from transformers import CLIPConfig, CLIPModel
+
+    # The tiny tokenizer's ids: pad 0, eos 1, bos 2. CLIP pools the text at the first eos_token_id
+    # (any id but the legacy 2, which would mean "argmax of the ids").
+    text = {"vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "max_position_embeddings": max_length, "pad_token_id": 0,
+            "bos_token_id": 2, "eos_token_id": 1}
+    vision = {"hidden_size": 24, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "image_size": 32, "patch_size": 8}
+    torch.manual_seed(seed + 4)
+    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+
+
+def _save_clip_processor(path: Path, size: int) -> None:
+    # The keys and values of openai/clip-vit-base-patch32's preprocessor_config.json at a tiny size
+    # (shortest edge resized bicubic, centre crop, OpenAI CLIP mean / std); read back with
+    # AutoImageProcessor(backend="pil") as CLIPImageProcessorPil, which needs no torchvision.
+    cfg = {
+        "image_processor_type": "CLIPImageProcessor",
+        "crop_size": {"height": size, "width": size}, "do_center_crop": True, "do_convert_rgb": True,
+        "do_normalize": True, "do_rescale": True, "do_resize": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "resample": 3, "rescale_factor": 1 / 255, "size": {"shortest_edge": size},
+    }
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "preprocessor_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
 def _save_image_processor(path: Path) -> None:
     # Written as JSON rather than through SiglipImageProcessor: its default backend needs
     # torchvision (not installed here); the file is what SiglipImageProcessor.save_pretrained
@@ -168,16 +206,21 @@ def _save_image_processor(path: Path) -> None:
     (path / "preprocessor_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
-def build_tiny_encoders(out_dir: str | Path, *, seed: int = 0) -> dict[str, Path]:
+def build_tiny_encoders(out_dir: str | Path, *, seed: int = 0, metric_encoder: bool = False) -> dict[str, Path]:
     """Build random tiny encoders of the real classes and save them under `out_dir`.
 
     Deterministic in `seed`; runs in about a second on CPU. Weights are safetensors only.
 
+    Args:
+        metric_encoder: also write `out_dir/clip` (`METRIC_SUBFOLDER`): a tiny `CLIPModel`
+            (32x32 px, patch 8, projection 16, text max length 77) with the tiny tokenizer and a
+            CLIPImageProcessor config, for the evaluation metrics. Off by default, so the
+            training layout and the returned keys are unchanged.
     Returns:
         `{component: folder}` for the keys of `SUBFOLDERS` (vae, text_encoder, tokenizer,
-        feature_extractor, image_encoder, teacher). Tiny dims are in `TINY_DIMS`: VAE z_dim 16;
-        text hidden 32; SigLIP 32x32 px, patch 8 -> 16 tokens of width 24; V-JEPA 2 crop 32,
-        patch 8, tubelet 2, hidden 32.
+        feature_extractor, image_encoder, teacher), plus "clip" with `metric_encoder`. Tiny
+        dims are in `TINY_DIMS`: VAE z_dim 16; text hidden 32; SigLIP 32x32 px, patch 8 -> 16
+        tokens of width 24; V-JEPA 2 crop 32, patch 8, tubelet 2, hidden 32.
     """
     # transformers >= 5 always writes safetensors (no safe_serialization switch); diffusers
     # still has the switch, so it is set explicitly for the VAE.
@@ -197,4 +240,11 @@ def build_tiny_encoders(out_dir: str | Path, *, seed: int = 0) -> dict[str, Path
     _save_image_processor(paths["feature_extractor"])
 
     _tiny_teacher(seed).save_pretrained(paths["teacher"])
+
+    if metric_encoder:
+        clip = paths["clip"] = out / METRIC_SUBFOLDER
+        clip_tokenizer = _build_tokenizer(77)  # CLIP's text context
+        _tiny_clip(seed, len(clip_tokenizer), 77).save_pretrained(clip)
+        clip_tokenizer.save_pretrained(clip)
+        _save_clip_processor(clip, 32)
     return paths
