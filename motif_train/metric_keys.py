@@ -14,7 +14,7 @@ Two name spaces:
   the keys the logger derives itself (`DERIVED_KEYS`: progress / ETA, predicted step time) carry the
   same name in a step record and in a window;
   events (`log_event`) add `event/<value>` or a slashed value name as is; validation videos are
-  `val/<request name>`.
+  `val/<request name>`; the held-out validation loss `val_loss/<stage>/...` (`val_loss_key`).
 
 Families (a key built from a name known only at run time) have a concrete builder and a regex in
 `FAMILIES`. This module imports nothing from the package (metrics.py and the trainer import it).
@@ -135,6 +135,26 @@ def video_keys(num_prompts: int, i2v: bool = True) -> list[str]:
     return [video_key(n) for n in names]
 
 
+# ---------------------------------------------------------------- held-out validation loss (evaluation/val_loss.py)
+# logged by the trainer's "validation loss" event every eval.loss_every steps (values with a slash: as is)
+VAL_LOSS_PREFIX = "val_loss/"  # the EMA weights' (or the raw weights' without EMA)
+VAL_LOSS_RAW_PREFIX = "val_loss_raw/"  # the raw weights' beside the EMA's (eval.loss_raw)
+VAL_LOSS_SECONDS = "eval/val_loss_s"  # wall-clock seconds of the pass (all of its stages' forwards)
+
+
+def val_loss_key(stage: str, *, bucket: str | None = None, task: str | None = None, sigma: int | None = None,
+                 prefix: str = "val_loss") -> str:
+    """val_loss/<stage> (the stage's number), val_loss/<stage>/<task> (t2v | i2v), or
+    val_loss/<stage>/<bucket>/<task>/s<j> (one bucket at σ index j of the grid, 0-based); prefix val_loss_raw
+    for the raw weights."""
+    key = f"{prefix}/{stage}"
+    if bucket is not None:
+        if task is None or sigma is None:
+            raise ValueError("val_loss_key: a bucket key needs task and sigma")
+        return f"{key}/{bucket}/{task}/s{int(sigma)}"
+    return key if task is None else f"{key}/{task}"
+
+
 # ---------------------------------------------------------------- raw -> W&B name mapping (used by metrics.py)
 def window_key(raw: str) -> str:
     """The window name of a raw extra: sigma_q<i> -> loss/sigma_q<i>; a slashed name as is; else train/<k>."""
@@ -151,7 +171,7 @@ def event_key(name: str) -> str:
 # ---------------------------------------------------------------- the list, and what it covers
 # every concrete W&B key the trainer logs (σ buckets at the default count; videos are a family)
 LOGGED_KEYS: frozenset[str] = frozenset({
-    LOSS_TOTAL, *LOSS_TERMS, *sigma_keys(), *WINDOW_KEYS, *TRAINER_EXTRA_KEYS, CHECKPOINT_BLOCKING_S,
+    LOSS_TOTAL, *LOSS_TERMS, *sigma_keys(), *WINDOW_KEYS, *TRAINER_EXTRA_KEYS, CHECKPOINT_BLOCKING_S, VAL_LOSS_SECONDS,
     *(event_key(k) for k in TRAINER_EVENT_VALUES),
 })
 
@@ -159,6 +179,8 @@ LOGGED_KEYS: frozenset[str] = frozenset({
 FAMILIES: dict[str, str] = {
     "sigma": r"loss/sigma_q[1-9][0-9]*",  # loss/sigma_q<i>, i = 1..objective.flow.num_sigma_buckets
     "video": r"val/(t2v_[0-9]{2,}|i2v_00)",  # val/<request name>
+    # val_loss[_raw]/<stage>[/<task> | /<bucket FxHxW>/<task>/s<j>]
+    "val_loss": r"val_loss(_raw)?/[^/]+(/(t2v|i2v)|/[0-9]+x[0-9]+x[0-9]+/(t2v|i2v)/s[0-9]+)?",
 }
 
 

@@ -53,8 +53,17 @@ class EvalConfig:
     seed: int = 0
     fps: int = 8  # validation mp4s (short tiny clips); motif-sample writes fps= (default 24)
     ema: bool = True  # sample with the EMA weights when the run keeps them
+    # held-out validation loss (evaluation/val_loss.py; docs/training.md): every k optimizer steps (0: off), on the
+    # current stage's held-out samples at `loss_sigmas` σ values, with the EMA weights (+ raw with loss_raw)
+    loss_every: int = 500
+    loss_sigmas: int = 8
+    loss_raw: bool = False
+    loss_at_end: bool = False  # one more pass after the last step (when it is not already a loss_every step)
 
     def __post_init__(self) -> None:
+        if int(self.loss_every) < 0 or int(self.loss_sigmas) < 1:
+            raise ValueError(f"eval.loss_every={self.loss_every} must be >= 0 and eval.loss_sigmas="
+                             f"{self.loss_sigmas} >= 1")
         if (self.frames - 1) % 4 or self.height % 16 or self.width % 16:
             raise ValueError(f"eval: {self.frames}x{self.height}x{self.width} must be 1+4k frames and sizes "
                              "divisible by 16")

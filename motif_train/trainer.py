@@ -114,6 +114,7 @@ class Trainer:
         self.stage_idx = -1
         self._stop_signal = 0
         self._val = None
+        self._heldout = None  # the held-out reader of eval.loss_every (False: checked, none)
         self.last_window: dict | None = None  # the last logged window (rates, MFU, peak memory)
         self.step_log = StepLog(self.dist.world_size)  # steps not yet reduced / written (on the device)
         self.clock = StepClock(self.device)
@@ -364,6 +365,54 @@ class Trainer:
                                    weights="ema" if use_ema else "raw")
         return videos
 
+    def heldout_reader(self):
+        """The dataset's held-out samples (data/heldout.py), or None (synthetic data, no held-out samples: noted
+        once). The same answer on every rank (one manifest)."""
+        if self._heldout is None:
+            self._heldout = False
+            root = getattr(self.data, "root", None)
+            if root is not None:
+                from motif_train.data.heldout import HeldOutReader
+
+                reader = HeldOutReader(root, text_pad_to=getattr(self.data, "text_pad_to", (64, 128, 256, 512)))
+                if reader.num_samples:
+                    self._heldout = reader
+            if self._heldout is False:
+                self.metrics.log_event(self.step, "validation loss off: the data has no held-out samples (shard "
+                                       "data preprocessed with --val-fraction / --val-min-per-bucket)")
+        return self._heldout or None
+
+    def validation_loss(self) -> dict[str, float]:
+        """The current stage's held-out validation loss (evaluation/val_loss.py) with the EMA weights (and the
+        raw ones with eval.loss_raw), logged as `val_loss/...` through a log_event. Collective: every rank
+        calls it at the same step, between optimizer steps (no host read inside a micro-step)."""
+        from motif_train.evaluation.val_loss import validation_loss
+
+        reader = self.heldout_reader()
+        if reader is None:
+            return {}
+        ev, stage = self.cfg.eval, self.curriculum.stages[self.stage_idx]
+        kw = dict(rank=self.dist.rank, world_size=self.dist.world_size, sigmas=ev.loss_sigmas, device=self.device)
+        t0 = time.perf_counter()
+        values: dict[str, float] = {}
+        with cp_disabled(self.model):  # every rank scores its own samples over the whole sequence
+            with self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext():
+                res = validation_loss(self.model, self.objective, reader, stage, **kw)
+            values.update(res.metrics(mk.VAL_LOSS_PREFIX.rstrip("/")))
+            if ev.loss_raw and self.ema is not None:
+                values.update(validation_loss(self.model, self.objective, reader, stage, **kw)
+                              .metrics(mk.VAL_LOSS_RAW_PREFIX.rstrip("/")))
+        dt = time.perf_counter() - t0
+        if values:
+            self.metrics.log_event(self.step, f"validation loss ({stage.name}): {res.stage_loss:.5g} on "
+                                   f"{sum(res.samples.values())} held-out samples", weights="ema" if self.ema
+                                   is not None else "raw", **values, **{mk.VAL_LOSS_SECONDS: dt})
+        return values
+
+    def should_validate_loss(self, step: int, last: bool) -> bool:
+        ev = self.cfg.eval
+        return bool(ev.loss_every and step % ev.loss_every == 0) or bool(last and ev.loss_at_end)
+
     def should_validate(self, step: int, last: bool) -> bool:
         ev = self.cfg.eval
         if not ev.prompts or self.cfg.encoders.root is None:
@@ -562,6 +611,8 @@ class Trainer:
                 self.diverged(f"{self.bad_in_a_row} non-finite steps in a row (train.max_bad_steps), last at step "
                               f"{self.step}: loss terms {rec.get('losses')}, grad norm {rec.get('grad_norm')}")
             self.profiler.step(self.step)
+            if self.should_validate_loss(self.step, self.step == last):
+                self.validation_loss()
             if self.should_validate(self.step, self.step == last):
                 self.validate()
             if log_step:
