@@ -29,6 +29,7 @@ def build_dataset(root: Path) -> Path:
 
 
 def model_and_objective():
+    torch.manual_seed(0)  # the init draws from the global generator
     m = MotifDiT(load_model_config("tiny"))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # off the zero-initialised output head: the prediction must matter
