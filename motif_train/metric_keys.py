@@ -171,7 +171,7 @@ def event_key(name: str) -> str:
 # ---------------------------------------------------------------- the list, and what it covers
 # every concrete W&B key the trainer logs (σ buckets at the default count; videos are a family)
 LOGGED_KEYS: frozenset[str] = frozenset({
-    LOSS_TOTAL, *LOSS_TERMS, *sigma_keys(), *WINDOW_KEYS, *TRAINER_EXTRA_KEYS, CHECKPOINT_BLOCKING_S, VAL_LOSS_SECONDS,
+    LOSS_TOTAL, *LOSS_TERMS, *sigma_keys(), *WINDOW_KEYS, *TRAINER_EXTRA_KEYS, CHECKPOINT_BLOCKING_S,
     *(event_key(k) for k in TRAINER_EVENT_VALUES),
 })
 
@@ -181,6 +181,7 @@ FAMILIES: dict[str, str] = {
     "video": r"val/(t2v_[0-9]{2,}|i2v_00)",  # val/<request name>
     # val_loss[_raw]/<stage>[/<task> | /<bucket FxHxW>/<task>/s<j>]
     "val_loss": r"val_loss(_raw)?/[^/]+(/(t2v|i2v)|/[0-9]+x[0-9]+x[0-9]+/(t2v|i2v)/s[0-9]+)?",
+    "val_loss_seconds": r"eval/val_loss_s",  # only on data with held-out samples (not a synthetic run)
 }
 
 
