@@ -41,7 +41,7 @@ SUBFOLDERS = {
     "teacher": "teacher",
 }
 
-# The evaluation metrics' image-text encoder (CLIP or SigLIP, `motif_train.video_metrics`): not a
+# The evaluation metrics' image-text encoder (CLIP or SigLIP, `motif_train.evaluation.video_metrics`): not a
 # training component, so not in SUBFOLDERS (whose keys `build_tiny_encoders` returns by default).
 METRIC_SUBFOLDER = "clip"
 

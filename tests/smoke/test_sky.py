@@ -38,6 +38,9 @@ EXPECTED = {
                         "envs": {"CURRICULUM": "configs/curriculum/motif_4stage.yaml"},
                         "env_keys": {"RAW", "MOTIF_DATA", "MOTIF_ENCODERS", "MOTIF_BUCKET"}},
     "dev.yaml": {"num_nodes": 1, "accelerators": [{"H100": 1}], "envs": {}, "env_keys": set()},
+    "eval.yaml": {"num_nodes": 1, "accelerators": [{"H100": 1}],
+                  "envs": {"EXPERIMENT": "motif_video_2b_64xh200", "EVAL_ARGS": ""},
+                  "env_keys": {"MOTIF_RUN_ROOT", "MOTIF_DATA", "MOTIF_ENCODERS", "MOTIF_BUCKET"}},
 }
 SKYPILOT_VARS = ("SKYPILOT_NUM_NODES", "SKYPILOT_NODE_RANK", "SKYPILOT_NODE_IPS", "SKYPILOT_NUM_GPUS_PER_NODE")
 

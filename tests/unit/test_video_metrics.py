@@ -1,4 +1,4 @@
-"""motif_train.video_metrics: hand-checked values of every metric, on tiny random instances of the real
+"""motif_train.evaluation.video_metrics: hand-checked values of every metric, on tiny random instances of the real
 classes (CLIPModel / SiglipModel / VJEPA2Model saved to tmp folders and loaded back)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from motif_train.objectives.repa import teacher_pixels
 from motif_train.objectives.tiny_encoders import METRIC_SUBFOLDER, _build_tokenizer, build_tiny_encoders
-from motif_train.video_metrics import (
+from motif_train.evaluation.video_metrics import (
     PSNR_CAP_DB,
     SSIM_K1,
     SSIM_K2,
