@@ -19,9 +19,9 @@ from ._runs import env, launch, torchrun_cmd
 pytestmark = pytest.mark.distributed
 
 
-def _eval_cmd(run: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "motif_train.cli.eval", "--run-dir", str(run), "--device", "cpu", "--no-videos",
-            "--poll-s", "0.2", *extra]
+def _eval_cmd(run: Path, *extra: str, videos: bool = False) -> list[str]:
+    return [sys.executable, "-m", "motif_train.cli.eval", "--run-dir", str(run), "--device", "cpu",
+            "--videos" if videos else "--no-videos", "--poll-s", "0.2", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def data(tmp_path_factory):
     from motif_train.objectives.encoders import build_tiny_encoders
 
     tmp = tmp_path_factory.mktemp("sidecar")
-    build_tiny_encoders(tmp / "enc")
+    build_tiny_encoders(tmp / "enc", metric_encoder=True)  # + clip/: the video metrics' image-text encoder
     write_clip_folder(tmp / "clips", default_specs(24, seed=2), broken=False)
     preprocess([str(tmp / "clips")], tmp / "data", tmp / "enc", buckets=[[9, 64, 96], [5, 96, 64], [9, 96, 128]],
                progress=False, val_fraction=0.1, val_min_per_bucket=2, val_max_share=0.3)
@@ -77,13 +77,17 @@ def test_sidecar_scores_a_live_run_once_each_across_a_kill(data, tmp_path):
 
 def test_sidecar_survives_pruning(data, tmp_path):
     """keep_last=1 prunes every checkpoint but the newest while the sidecar is slow to start: whatever it saw
-    is scored or reported deleted; the last one is always scored."""
+    is scored or reported deleted; the last one is always scored — here with the validation videos sampled
+    (EMA, the run's fixed prompts and seeds) and scored by the video metrics."""
     run = tmp_path / "run"
     p = subprocess.run(torchrun_cmd(run, 2, "data=shards", f"data.root={data / 'data'}",
                                     f"encoders.root={data / 'enc'}", "data.num_workers=1", "checkpoint.every=2",
                                     "checkpoint.keep_last=1"), env=env(), capture_output=True, text=True, timeout=400)
     assert p.returncode == 0, p.stderr[-3000:]
-    got = subprocess.run(_eval_cmd(run), env=env(), capture_output=True, text=True, timeout=300)
-    assert got.returncode == 0, got.stderr[-3000:]
+    got = subprocess.run(_eval_cmd(run, videos=True), env=env(), capture_output=True, text=True, timeout=300)
+    assert got.returncode == 0, got.stdout[-3000:] + got.stderr[-3000:]
     lines = [json.loads(x) for x in (run / "eval.jsonl").read_text().splitlines()]
     assert [(r["step"], r["status"]) for r in lines] == [(12, "scored")]
+    r = lines[0]
+    assert 0 <= r["eval/clip_score"] <= 100 and -1 <= r["eval/temporal_consistency"] <= 1
+    assert r["val_loss/hi-res"] > 0
