@@ -91,6 +91,12 @@ def main(argv: list[str] | None = None) -> None:
     subprocess.run(cmd, env=env, check=True)
 
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir() if (p / "COMPLETE").exists())
+    evals = []
+    if not args.synthetic:  # score the kept checkpoints off the training path: held-out validation loss per stage
+        print(f"$ motif-eval --run-dir {run} --no-videos", flush=True)
+        subprocess.run([sys.executable, "-m", "motif_train.cli.eval", "--run-dir", str(run), "--device", "cpu",
+                        "--no-videos"], env=env, check=True)
+        evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
     wandb_runs = sorted(str(p) for p in (run / "wandb").glob("offline-run-*"))
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     first, last = rows[0]["loss/denoise"], rows[-1]["loss/denoise"]
@@ -109,6 +115,12 @@ def main(argv: list[str] | None = None) -> None:
     if samples:
         print(f"validation       {samples[-1]}: {', '.join(p.name for p in sorted(samples[-1].iterdir()))}")
     print(f"denoise loss     step {rows[0]['step']}: {first:.4f} -> step {rows[-1]['step']}: {last:.4f}")
+    if evals:
+        a, b = evals[0], evals[-1]
+        stages = sorted(k for k in a if k.startswith("val_loss/") and k.count("/") == 1)
+        print(f"validation loss  {run / 'eval.jsonl'} (held-out samples, EMA, fixed σ grid; {run / 'eval.png'})")
+        for k in stages:
+            print(f"  {k:<24} step {a['step']}: {a[k]:.4f} -> step {b['step']}: {b[k]:.4f}")
 
 
 if __name__ == "__main__":

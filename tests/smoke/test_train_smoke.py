@@ -46,3 +46,8 @@ def test_demo_pipeline_kill_and_resume(tmp_path):
         assert names == ["grid.png", "i2v_00.mp4", "t2v_00.mp4", "t2v_01.mp4"]
     wandb_bytes = b"".join(f.read_bytes() for d in offline for f in d.iterdir() if f.suffix == ".wandb")
     assert b"val/t2v_00" in wandb_bytes and b"val/i2v_00" in wandb_bytes
+    # motif-eval over the kept checkpoints: each once, the held-out validation loss goes down, printed
+    evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [12, 18, 24] and all(e["status"] == "scored" for e in evals)
+    assert evals[-1]["val_loss/low-res"] < evals[0]["val_loss/low-res"]
+    assert "validation loss" in p.stdout and (run / "eval.png").read_bytes()[:4] == b"\x89PNG"
