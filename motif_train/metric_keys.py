@@ -140,6 +140,11 @@ def video_keys(num_prompts: int, i2v: bool = True) -> list[str]:
 VAL_LOSS_PREFIX = "val_loss/"  # the EMA weights' (or the raw weights' without EMA)
 VAL_LOSS_RAW_PREFIX = "val_loss_raw/"  # the raw weights' beside the EMA's (eval.loss_raw)
 VAL_LOSS_SECONDS = "eval/val_loss_s"  # wall-clock seconds of the pass (all of its stages' forwards)
+# motif-eval (cli/eval.py): the training step a line scores (its W&B x-axis), and the video metrics'
+# values (evaluation/video_metrics.py) as eval/<metric>
+EVAL_STEP = "eval/step"
+EVAL_METRICS = ("clip_score", "clip_cosine", "temporal_consistency", "psnr_first_frame", "ssim_first_frame",
+                "fd_vjepa")
 
 
 def val_loss_key(stage: str, *, bucket: str | None = None, task: str | None = None, sigma: int | None = None,
@@ -182,6 +187,8 @@ FAMILIES: dict[str, str] = {
     # val_loss[_raw]/<stage>[/<task> | /<bucket FxHxW>/<task>/s<j>]
     "val_loss": r"val_loss(_raw)?/[^/]+(/(t2v|i2v)|/[0-9]+x[0-9]+x[0-9]+/(t2v|i2v)/s[0-9]+)?",
     "val_loss_seconds": r"eval/val_loss_s",  # only on data with held-out samples (not a synthetic run)
+    # motif-eval's lines (a sidecar run, not the trainer): the step axis and the video metrics
+    "eval": r"eval/(step|" + "|".join(EVAL_METRICS) + ")",
 }
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from motif_train import metric_keys as mk
 from motif_train.evaluation.ledger import SCORED, Ledger, SidecarLock, score_pending, watch
 
 EXIT_ERROR = 2
@@ -156,16 +157,16 @@ class WandbSink:
         try:
             self.run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, id=id_path.read_text().strip(),
                                   resume="allow", dir=str(local), mode=mode, settings=wandb.Settings(silent=True))
-            self.run.define_metric("eval/step")
+            self.run.define_metric(mk.EVAL_STEP)
             for pattern in ("val_loss/*", "eval/*"):
-                self.run.define_metric(pattern, step_metric="eval/step")
+                self.run.define_metric(pattern, step_metric=mk.EVAL_STEP)
         except Exception as e:  # noqa: BLE001 - W&B never stops the scoring
             print(f"motif-eval: W&B off: {type(e).__name__}: {e}", file=sys.stderr)
             self.run = None
 
     def __call__(self, rec: dict) -> None:
         if self.run is not None and rec.get("status") == SCORED:
-            self.run.log({"eval/step": rec["step"], **{k: v for k, v in rec.items() if isinstance(v, int | float)
+            self.run.log({mk.EVAL_STEP: rec["step"], **{k: v for k, v in rec.items() if isinstance(v, int | float)
                                                        and (k.startswith(("val_loss/", "eval/")))}})
 
     def close(self) -> None:

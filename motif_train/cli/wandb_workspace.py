@@ -1,7 +1,7 @@
 """The project's W&B workspace as code: `motif-wandb-workspace --entity E --project P`.
 
 Builds a `wandb_workspaces` Workspace whose panels plot the keys the trainer logs, taken from
-`motif_train.metric_keys` (the one list `metrics.py` logs with), in seven sections:
+`motif_train.metric_keys` (the one list `metrics.py` logs with), in eight sections:
 
     losses       total, denoise, REPA, loss by σ quartile, grad norm
     throughput   MFU, tokens/s, samples/s, data wait (fraction of step time), s/step measured and predicted,
@@ -11,6 +11,8 @@ Builds a `wandb_workspaces` Workspace whose panels plot the keys the trainer log
     checkpoint   seconds each save blocked the loop
     data health  skipped (corrupt) samples, skipped (non-finite) steps
     validation   a media panel of the validation videos, by step
+    evaluation   the held-out validation loss per stage (EMA), per task, by σ bin of each stage's first
+                 bucket, and motif-eval's video metrics, over the training step (`eval/step`)
 
 Building needs no network: `--dry-run` prints the workspace's spec JSON (what `save` would upload).
 `--save` uploads it (a new saved view of the project) and needs the network and a W&B API key
@@ -39,9 +41,32 @@ def _line(title: str, keys: list[str] | tuple[str, ...], **kw: Any):
     return wr.LinePlot(title=title, y=list(keys), **kw)
 
 
+def curriculum_stages(name: str = "motif_4stage") -> list[dict]:
+    """The stages (name, buckets) of `configs/curriculum/<name>.yaml`: the evaluation panels' keys."""
+    import yaml
+
+    from motif_train.paths import config_dir
+
+    return yaml.safe_load((config_dir() / "curriculum" / f"{name}.yaml").read_text())["stages"]
+
+
+def evaluation_panels(stages: list[dict], loss_sigmas: int = 8) -> list:
+    """Validation loss per stage, per task, per σ bin (first bucket, T2V), and the video metrics."""
+    names = [s["name"] for s in stages]
+    panels = [_line("validation loss per stage (held-out, EMA)", [mk.val_loss_key(n) for n in names]),
+              _line("validation loss per task", [mk.val_loss_key(n, task=t) for n in names for t in ("t2v", "i2v")])]
+    for st in stages:
+        bucket = "x".join(map(str, st["buckets"][0]))
+        keys = [mk.val_loss_key(st["name"], bucket=bucket, task="t2v", sigma=j) for j in range(loss_sigmas)]
+        panels.append(_line(f"{st['name']}: validation loss by σ bin ({bucket}, T2V)", keys))
+    panels += [_line(f"motif-eval: {m}", [f"eval/{m}"], x=mk.EVAL_STEP) for m in mk.EVAL_METRICS]
+    return panels
+
+
 def build_sections(num_prompts: int = DEFAULT_PROMPTS, i2v: bool = True,
-                   num_sigma_buckets: int = mk.NUM_SIGMA_BUCKETS) -> list:
-    """The workspace's sections, every panel key from `metric_keys`."""
+                   num_sigma_buckets: int = mk.NUM_SIGMA_BUCKETS, stages: list[dict] | None = None) -> list:
+    """The workspace's sections, every panel key from `metric_keys` (`stages`: the curriculum's, default the
+    recipe's)."""
     import wandb_workspaces.reports.v2 as wr
     import wandb_workspaces.workspaces as ws
 
@@ -78,6 +103,7 @@ def build_sections(num_prompts: int = DEFAULT_PROMPTS, i2v: bool = True,
         section("validation", [wr.MediaBrowser(title="validation videos", media_keys=mk.video_keys(num_prompts, i2v),
                                                gallery_axis="step", num_columns=min(4, num_prompts + int(i2v)))],
                 columns=1),
+        section("evaluation", evaluation_panels(stages if stages is not None else curriculum_stages())),
     ]
 
 

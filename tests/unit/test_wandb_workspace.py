@@ -20,7 +20,7 @@ from motif_train.metrics import LoggerConfig, MetricsLogger, ProgressPlan
 
 ROOT = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
-SECTIONS = ["losses", "throughput", "memory", "schedule", "checkpoint", "data health", "validation"]
+SECTIONS = ["losses", "throughput", "memory", "schedule", "checkpoint", "data health", "validation", "evaluation"]
 
 
 @pytest.fixture
@@ -63,8 +63,9 @@ def test_spec_builds_offline(no_network):
     sections = spec["spec"]["section"]["panelBankConfig"]["sections"]
     assert [s["name"] for s in sections] == SECTIONS
     by_name = {s["name"]: s["panels"] for s in sections}
-    assert all(p["viewType"] == "Run History Line Plot" for s in SECTIONS[:-1] for p in by_name[s])
-    plotted = {m for s in SECTIONS[:-1] for p in by_name[s] for m in p["config"]["metrics"]}
+    lines = [s for s in SECTIONS if s != "validation"]
+    assert all(p["viewType"] == "Run History Line Plot" for s in lines for p in by_name[s])
+    plotted = {m for s in lines for p in by_name[s] for m in p["config"]["metrics"]}
     assert {mk.LOSS_DENOISE, mk.LOSS_REPA, *mk.sigma_keys(4), mk.PERF_MFU, mk.PERF_TOKENS_PER_S, mk.PERF_DATA_WAIT,
             mk.MEM_PEAK_GIB, mk.SCHED_LR, mk.CURRICULUM_STAGE, mk.CHECKPOINT_BLOCKING_S, mk.DATA_SKIPPED_SAMPLES,
             mk.TRAIN_SKIPPED_STEPS} <= plotted
@@ -72,6 +73,10 @@ def test_spec_builds_offline(no_network):
     assert media["viewType"] == "Media Browser"
     assert media["config"]["mediaKeys"] == ["val/t2v_00", "val/t2v_01", "val/t2v_02", "val/i2v_00"]
     assert spec["spec"]["section"]["settings"]["xAxis"] == "_step"
+    # evaluation: the recipe's stages' validation loss (per stage, per task, by σ bin) and motif-eval's metrics
+    ev = {m for p in by_name["evaluation"] for m in p["config"]["metrics"]}
+    assert {"val_loss/video-720p-121f", "val_loss/images-256px/t2v", "val_loss/video-480p-81f/81x480x832/t2v/s7",
+            "eval/clip_score", "eval/fd_vjepa"} <= ev and all(mk.covers(k) for k in ev)
 
 
 def test_every_panel_key_is_in_the_list(no_network):
@@ -79,7 +84,9 @@ def test_every_panel_key_is_in_the_list(no_network):
         keys = wsmod.panel_keys(wsmod.build_workspace("e", "p", **kw))
         assert keys and all(mk.covers(k) for k in keys), [k for k in keys if not mk.covers(k)]
     keys = wsmod.panel_keys(wsmod.build_workspace("e", "p"))
-    assert set(keys) - set(mk.video_keys(wsmod.DEFAULT_PROMPTS)) <= mk.LOGGED_KEYS  # defaults: listed keys
+    # defaults: listed keys, or the evaluation families (known by stage / bucket names at run time)
+    assert {k for k in set(keys) - set(mk.video_keys(wsmod.DEFAULT_PROMPTS))
+            if mk.family_of(k) not in ("val_loss", "eval")} <= mk.LOGGED_KEYS
 
 
 def test_cli_dry_run_prints_the_spec_and_save_refuses_without_network(no_network, capsys):
@@ -87,7 +94,7 @@ def test_cli_dry_run_prints_the_spec_and_save_refuses_without_network(no_network
     spec = json.loads(capsys.readouterr().out)
     assert [s["name"] for s in spec["spec"]["section"]["panelBankConfig"]["sections"]] == SECTIONS
     assert wsmod.main(["--entity", "e", "--project", "p"]) == 0
-    assert "7 sections" in capsys.readouterr().out
+    assert "8 sections" in capsys.readouterr().out
     assert wsmod.main(["--entity", "e", "--project", "p", "--save"]) != 0  # WANDB_MODE=offline
     assert "needs the network" in capsys.readouterr().err
 
@@ -160,6 +167,9 @@ def test_real_offline_run_logs_exactly_what_the_list_and_panels_name(no_network)
     assert not [k for k in logged if not mk.covers(k)], "logged keys missing from metric_keys"
     assert logged >= mk.LOGGED_KEYS, f"listed but never logged: {sorted(mk.LOGGED_KEYS - logged)}"
     panels = set(wsmod.panel_keys(wsmod.build_workspace("e", "p", num_prompts=2, i2v=True)))
+    # the evaluation section's keys come from the held-out validation loss (named by the recipe's stages and
+    # buckets) and motif-eval's lines: families, covered above, not logged by this synthetic trainer feed
+    panels = {k for k in panels if mk.family_of(k) not in ("val_loss", "eval")}
     assert panels <= logged, f"panel keys no run logs: {sorted(panels - logged)}"
     # metrics.jsonl: the raw names the list gives
     rec = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
