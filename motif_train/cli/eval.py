@@ -143,7 +143,7 @@ class WandbSink:
     """The run's W&B run, resumed by id, with eval keys plotted against `eval/step` (the training step)."""
 
     def __init__(self, cfg, run_dir: Path) -> None:
-        self.run = None
+        self.run, self.local, self.run_dir = None, None, run_dir
         id_path = run_dir / "wandb_id.txt"
         if not cfg.logger.wandb or cfg.logger.mode == "disabled" or not id_path.is_file():
             return
@@ -154,6 +154,7 @@ class WandbSink:
         mode = cfg.logger.mode if cfg.logger.mode != "auto" else ("online" if wandb.api.api_key else "offline")
         local = Path(tempfile.gettempdir()) / "motif_eval" / run_dir.name  # W&B's files: local disk, not the bucket
         local.mkdir(parents=True, exist_ok=True)
+        self.local = local
         try:
             self.run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, id=id_path.read_text().strip(),
                                   resume="allow", dir=str(local), mode=mode, settings=wandb.Settings(silent=True))
@@ -170,8 +171,17 @@ class WandbSink:
                                                        and (k.startswith(("val_loss/", "eval/")))}})
 
     def close(self) -> None:
-        if self.run is not None:
-            self.run.finish()
+        """Finish the run and bring its files to `<run_dir>/wandb_eval/` whole (once, at exit: no appends on the
+        bucket), so an offline sidecar run can be `wandb sync`ed from there."""
+        if self.run is None:
+            return
+        self.run.finish()
+        import shutil
+
+        try:
+            shutil.copytree(self.local / "wandb", self.run_dir / "wandb_eval", dirs_exist_ok=True)
+        except OSError as e:
+            print(f"motif-eval: W&B files not copied to {self.run_dir / 'wandb_eval'}: {e}", file=sys.stderr)
 
 
 def _parser() -> argparse.ArgumentParser:

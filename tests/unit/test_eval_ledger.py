@@ -137,3 +137,31 @@ def test_one_sidecar_per_run_dir(tmp_path):
         with SidecarLock(tmp_path):
             pass
     assert not (tmp_path / "eval.lock").exists()
+
+
+def test_wandb_sink_resumes_the_run_id_offline(tmp_path, monkeypatch):
+    """motif-eval's W&B sink: the run's id from wandb_id.txt, offline, files on local disk while it runs and
+    copied whole into <run_dir>/wandb_eval at close; a scored line logged with eval/step."""
+    from types import SimpleNamespace
+
+    from motif_train.cli.eval import WandbSink
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "wandb_id.txt").write_text("abc123xy")
+    cfg = SimpleNamespace(logger=SimpleNamespace(wandb=True, mode="offline", project="p", entity=None))
+    sink = WandbSink(cfg, run)
+    assert sink.run is not None and sink.run.id == "abc123xy"
+    sink({"step": 12, "status": "scored", "val_loss/low-res": 1.5, "checkpoint": "x"})
+    sink({"step": 18, "status": "deleted"})
+    sink.close()
+    files = list((tmp_path / "tmp").rglob("*.wandb"))
+    copies = list((run / "wandb_eval").rglob("*.wandb"))  # brought over whole at close, syncable from the bucket
+    assert files and [f.read_bytes() for f in copies] == [f.read_bytes() for f in files]
+    data = b"".join(f.read_bytes() for f in files)
+    assert b"val_loss/low-res" in data and b"eval/step" in data
