@@ -36,6 +36,17 @@ the run dir's, so earlier lines are kept; a repeated step appears twice and read
 line. A failing write (local or sync) never stops training: it warns once, keeps the lines in
 memory if the local copy is unusable, and the next sync tries again.
 
+W&B's own files (the `.wandb` transaction log, `files/` with media and output.log, `logs/`) are
+appended all run long, so they too stay local: `wandb.init(dir=logger.local_dir)` writes them to
+`<local_dir>/wandb/<leg>/` (`<leg>`: `offline-run-<ts>-<id>` or `run-<ts>-<id>`), and `sync()` / `close()`
+copy each changed file (size + mtime; W&B's `tmp/` and its `logs/` symlinks left out) whole to
+`<run_dir>/wandb/<leg>/` (temp + rename), W&B's own layout, so the bucket copy can be `wandb sync`ed.
+`close()` copies after `wandb.finish` and `wandb.teardown` (the service writes the log's last blocks
+only when it stops). The run id is kept in `<run_dir>/wandb_id.txt`: a resumed leg, on any machine,
+continues the same W&B run in a new `<leg>` dir, copied the same way beside the earlier ones. A failed
+copy warns once and is retried at the next sync. If the local dir cannot be made, W&B writes into the
+run dir as before (warned once).
+
 MFU = window model FLOPs/s / (peak_tflops * 1e12 * world_size), against the spec dense bf16 peak;
 `perf/teacher_flops_share` = teacher / (model + teacher) FLOPs of the window. A window's
 `perf/predicted_step_s` = `cost.predicted_step_s`(its model FLOPs per step and rank), beside the
@@ -47,12 +58,15 @@ This module must never import the trainer.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import resource
 import secrets
+import shutil
+import stat
 import statistics
 import string
 import sys
@@ -70,7 +84,7 @@ import torch
 from rich.console import Console
 
 from motif_train import metric_keys as mk
-from motif_train.utils import JsonlFile
+from motif_train.utils import JsonlFile, write_atomic
 
 # Spec dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, keyed by a substring of
 # `torch.cuda.get_device_name()`. Matching is case-insensitive, longest key first, so
@@ -319,8 +333,13 @@ class MetricsLogger:
         self.events_path = self.run_dir / "events.jsonl"
         self.console = Console(soft_wrap=True, highlight=False)
         self.wandb_run: Any = None
-        self.wandb_dir: Path | None = None  # the run's local dir, wandb.run.dir's parent
+        # this leg's W&B dir in the run dir (`<run_dir>/wandb/<leg>`, filled by `sync` / `close`), and the
+        # local one W&B writes to (`wandb.run.dir`'s parent); the same dir where W&B writes to the run dir
+        self.wandb_dir: Path | None = None
+        self.wandb_local_dir: Path | None = None
         self.wandb_id: str | None = None
+        self._wandb_root: Path | None = None  # the local `wandb/` holding this run's legs; None: nothing to copy
+        self._wandb_copied: dict[Path, tuple[int, int]] = {}  # local file -> (size, mtime_ns) at its last copy
         self.last_line: str | None = None  # the last console step line
         self._window: list[dict[str, Any]] = []
         self._last_step: int | None = None
@@ -352,9 +371,13 @@ class MetricsLogger:
         self._files[name].write(line)
 
     def sync(self) -> bool:
-        """Publish metrics.jsonl / events.jsonl whole to the run dir (rank 0; others: no-op)."""
+        """Publish metrics.jsonl / events.jsonl and W&B's changed files whole to the run dir (rank 0;
+        others: no-op). True when everything reached it; never raises."""
         if not self.is_main:
             return True
+        return all([self._sync_files(), self._sync_wandb()])
+
+    def _sync_files(self) -> bool:
         return all([f.sync() for f in self._files.values()])
 
     # ---------------------------------------------------------------- W&B
@@ -368,22 +391,95 @@ class MetricsLogger:
                 run_id = id_path.read_text().strip()
             else:
                 run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-                id_path.write_text(run_id + "\n")
+                write_atomic(id_path, run_id + "\n")
+            try:  # W&B appends to its files all run long: keep them on local disk, copied at syncs
+                self.local_dir.mkdir(parents=True, exist_ok=True)
+                wandb_parent = self.local_dir
+            except OSError as e:
+                self._warn_once("wandb_local", f"W&B's local dir {self.local_dir} unusable ({type(e).__name__}: {e}); "
+                                               f"W&B writes into {self.run_dir / 'wandb'} directly")
+                wandb_parent = self.run_dir
             t0 = time.perf_counter()
             self.wandb_run = wandb.init(
                 project=self.cfg.project, entity=self.cfg.entity, name=self.run_name, group=self.cfg.group,
-                tags=list(self.cfg.tags) or None, dir=str(self.run_dir), mode=mode, config=config,
+                tags=list(self.cfg.tags) or None, dir=str(wandb_parent), mode=mode, config=config,
                 id=run_id, resume="allow", settings=wandb.Settings(silent=True, init_timeout=120),
             )
             self.wandb_id = run_id
-            self.wandb_dir = Path(self.wandb_run.dir).parent
-            self.console.print(f"W&B {mode} run {run_id} ({time.perf_counter() - t0:.1f}s) -> {self.wandb_dir}",
+            # where W&B really wrote (it falls back to a temp dir when `dir` is not writable)
+            self.wandb_local_dir = Path(self.wandb_run.dir).parent
+            self.wandb_dir = self.run_dir / "wandb" / self.wandb_local_dir.name
+            if self.wandb_local_dir.absolute() != self.wandb_dir.absolute():
+                self._wandb_root = self.wandb_local_dir.parent
+            self.console.print(f"W&B {mode} run {run_id} ({time.perf_counter() - t0:.1f}s) -> {self.wandb_local_dir}"
+                               + (f" (copied to {self.wandb_dir} at checkpoints and exit)" if self._wandb_root else ""),
                                markup=False)
         except Exception as e:  # noqa: BLE001 - never let W&B take the run down
             self.wandb_run = None
             msg = f"W&B disabled for this run: wandb.init ({mode}) failed: {type(e).__name__}: {e}"
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
             self.console.print(f"[bold red]{msg}[/]", markup=True)
+
+    def _sync_wandb(self) -> bool:
+        """Copy every changed file of this run's local W&B legs to `<run_dir>/wandb/` (same layout), each
+        whole and atomically; unchanged files (size + mtime_ns as of their last copy) are skipped. A
+        failure warns once and returns False; the next sync copies what is still missing or stale."""
+        root, run_id = self._wandb_root, self.wandb_id
+        if root is None or run_id is None:
+            return True
+        dest_root = self.run_dir / "wandb"
+        errors: list[OSError] = []
+        try:
+            # every leg of this run id left in the local dir (an earlier leg on this machine too)
+            legs = sorted(p for p in root.iterdir() if p.name.endswith(f"-{run_id}")
+                          and p.name.startswith(("run-", "offline-run-")) and p.is_dir() and not p.is_symlink())
+        except OSError as e:
+            legs, errors = [], [e]
+        for leg in legs:
+            for dirpath, dirnames, filenames in os.walk(leg, onerror=errors.append):
+                here = Path(dirpath)
+                if here == leg:
+                    dirnames[:] = [d for d in dirnames if d != "tmp"]  # W&B's scratch files
+                for name in filenames:
+                    src = here / name
+                    if here.name == "logs" and src.is_symlink():
+                        continue  # debug-core.log: a link to the W&B service's shared log
+                    try:  # one file failing does not keep the others from the run dir
+                        self._copy_if_changed(src, dest_root / src.relative_to(root))
+                    except OSError as e:
+                        errors.append(e)
+        if errors:
+            e = errors[0]
+            self._warn_once("wandb_sync", f"copying W&B's files to {dest_root} failed ({len(errors)} file(s); "
+                                          f"{type(e).__name__}: {e}); retrying at the next checkpoint")
+            return False
+        return True
+
+    def _copy_if_changed(self, src: Path, dst: Path) -> None:
+        try:
+            st = src.stat()
+        except FileNotFoundError:
+            return  # a file W&B removed meanwhile
+        if not stat.S_ISREG(st.st_mode):
+            return
+        key = (st.st_size, st.st_mtime_ns)
+        seen = self._wandb_copied.get(src)
+        if seen == key:
+            return
+        if seen is None:  # first look in this process: an earlier process may have copied it already
+            with contextlib.suppress(OSError):
+                d = dst.stat()
+                if d.st_size == st.st_size and d.st_mtime_ns // 10**9 == st.st_mtime_ns // 10**9:
+                    self._wandb_copied[src] = key
+                    return
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            _copy_atomic(src, dst, st)
+        except FileNotFoundError:
+            if src.exists():
+                raise
+            return
+        self._wandb_copied[src] = key
 
     def _wandb_log(self, data: dict[str, Any], step: int) -> None:
         if self.wandb_run is None:
@@ -533,7 +629,9 @@ class MetricsLogger:
         frames = np.asarray(frames_uint8)
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
             raise ValueError(f"log_video: expected (T, H, W, 3) uint8 frames, got {frames.shape} {frames.dtype}")
-        path = self.run_dir / "media" / f"{key.replace('/', '_')}_step{step}.mp4"
+        # encoded locally: W&B copies it into its files/media/, which `sync` brings to the run dir
+        media = (self.run_dir if self._wandb_root is None else self._wandb_root.parent) / "media"
+        path = media / f"{key.replace('/', '_')}_step{step}.mp4"
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_mp4(frames, path, fps)
         self._wandb_log({key: wandb.Video(str(path), fps=int(round(fps)), format="mp4")}, step)
@@ -541,7 +639,7 @@ class MetricsLogger:
     # ---------------------------------------------------------------- close
     def close(self, *, failed: bool = False) -> Path | None:
         """Flush the open window, sync the files to the run dir, plot `loss.png` (not after a
-        failure: exit promptly), finish W&B; returns the PNG path."""
+        failure: exit promptly), finish W&B and copy its files to the run dir; returns the PNG path."""
         if not self.is_main or self._closed:
             return None
         self._closed = True
@@ -549,7 +647,7 @@ class MetricsLogger:
             self.flush()
         except Exception as e:  # noqa: BLE001 - the files below matter more than the last console line
             self.console.print(f"last metrics window failed: {type(e).__name__}: {e}", markup=False)
-        self.sync()
+        self._sync_files()
         png = None
         if not failed:
             try:
@@ -564,7 +662,32 @@ class MetricsLogger:
             except Exception as e:  # noqa: BLE001
                 self.console.print(f"wandb.finish failed: {type(e).__name__}: {e}", markup=False)
             self.wandb_run = None
+            try:  # `finish` can return before the service wrote the transaction log's last blocks; this waits
+                import wandb
+
+                wandb.teardown()
+            except Exception as e:  # noqa: BLE001
+                self.console.print(f"wandb.teardown failed: {type(e).__name__}: {e}", markup=False)
+        self._sync_wandb()
         return png
+
+
+def _copy_atomic(src: Path, dst: Path, st: os.stat_result) -> None:
+    """Copy a file whole via a temp file + fsync + rename (readers see the old or the new copy), with
+    the source's mtime where the target file system keeps it."""
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+    try:
+        with open(src, "rb") as fi, open(tmp, "wb") as fo:
+            shutil.copyfileobj(fi, fo, 1 << 20)
+            fo.flush()
+            os.fsync(fo.fileno())
+        with contextlib.suppress(OSError):  # some bucket mounts keep no mtime: the copy is then redone once
+            os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def _share(win: list[dict[str, Any]]) -> float:

@@ -58,7 +58,9 @@ def test_log_25_steps_offline(wandb_env, capsys):
                        local_dir=str(wandb_env / "local"))
     logger = MetricsLogger(cfg, run_dir, rank=0, world_size=2, device=CPU, run_name="unit", config={"a": 1})
     assert logger.wandb_run is not None, "offline wandb.init failed"
+    # W&B writes on the local disk; its files are copied to <run_dir>/wandb/<leg> at syncs (test_wandb_files.py)
     assert logger.wandb_dir is not None and logger.wandb_dir.parent == run_dir / "wandb"
+    assert logger.wandb_local_dir == wandb_env / "local" / "wandb" / logger.wandb_dir.name
     assert logger.wandb_dir.name.startswith("offline-run-")
 
     windows = {}
@@ -128,7 +130,8 @@ def test_log_25_steps_offline(wandb_env, capsys):
     assert "stage change" in capsys.readouterr().out
 
     logger.log_video(25, "val/sample", np.random.default_rng(0).integers(0, 255, (4, 17, 18, 3), np.uint8), fps=8)
-    assert (run_dir / "media" / "val_sample_step25.mp4").stat().st_size > 0
+    assert (wandb_env / "local" / "media" / "val_sample_step25.mp4").stat().st_size > 0  # encoded locally
+    assert not (run_dir / "media").exists()
 
     png = logger.close()  # flushes the open window 21..25
     assert "step    25" in logger.last_line
@@ -136,14 +139,12 @@ def test_log_25_steps_offline(wandb_env, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
     assert logger.close() is None  # idempotent
 
-    # the offline run's transaction log holds the namespaced history keys. `finish` can return before
-    # the wandb service has flushed the file (seen on a loaded machine: only its 7-byte header);
-    # `teardown` waits for the service to exit, so the file is complete.
-    import wandb
-
-    wandb.teardown()
+    # the offline run's transaction log, copied to the run dir by close() after finish + teardown (finish
+    # can return before the service has flushed the file), holds the namespaced history keys
     (wandb_file,) = logger.wandb_dir.glob("run-*.wandb")
     blob = wandb_file.read_bytes()
+    assert blob == (logger.wandb_local_dir / wandb_file.name).read_bytes()
+    assert list((logger.wandb_dir / "files" / "media" / "videos").rglob("*.mp4"))  # W&B's media copy
     for key in (b"loss/denoise", b"loss/sigma_q1", b"perf/mfu", b"perf/predicted_step_s", b"sched/lr", b"event/stage",
                 b"val/sample"):
         assert key in blob, key
