@@ -179,7 +179,7 @@ class WandbSink:
         import shutil
 
         try:
-            shutil.copytree(self.local / "wandb", self.run_dir / "wandb_eval", dirs_exist_ok=True)
+            shutil.copytree(self.local / "wandb", self.run_dir / "wandb_eval", symlinks=True, dirs_exist_ok=True)
         except OSError as e:
             print(f"motif-eval: W&B files not copied to {self.run_dir / 'wandb_eval'}: {e}", file=sys.stderr)
 
