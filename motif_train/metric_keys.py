@@ -188,7 +188,7 @@ FAMILIES: dict[str, str] = {
     "val_loss": r"val_loss(_raw)?/[^/]+(/(t2v|i2v)|/[0-9]+x[0-9]+x[0-9]+/(t2v|i2v)/s[0-9]+)?",
     "val_loss_seconds": r"eval/val_loss_s",  # only on data with held-out samples (not a synthetic run)
     # motif-eval's lines (a sidecar run, not the trainer): the step axis and the video metrics
-    "eval": r"eval/(step|" + "|".join(EVAL_METRICS) + ")",
+    "eval": r"eval/(step|fd_samples_generated|fd_samples_reference|" + "|".join(EVAL_METRICS) + ")",
 }
 
 

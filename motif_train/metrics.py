@@ -130,8 +130,8 @@ class LoggerConfig:
     group: str | None = None
     tags: list[str] = field(default_factory=list)
     peak_tflops: float | None = None  # overrides DEVICE_PEAK_TFLOPS
-    # rank 0's local copy of metrics.jsonl / events.jsonl, synced whole to the run dir at checkpoints and
-    # exit; None: <tempdir>/motif_metrics/<name>-<hash of the run dir> (set a path unique to the run)
+    # rank 0's local copy of metrics.jsonl / events.jsonl and W&B's own files (wandb/), synced whole to the run
+    # dir at checkpoints and exit; None: <tempdir>/motif_metrics/<name>-<hash of the run dir> (unique per run)
     local_dir: str | None = None
 
     def __post_init__(self) -> None:

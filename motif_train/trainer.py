@@ -361,8 +361,9 @@ class Trainer:
             paths, grid = write_outputs(videos, out, ev.fps, request_labels(ev, [n for n, _ in videos]))
             for name, v in videos:
                 self.metrics.log_video(self.step, mk.video_key(name), v.numpy(), ev.fps)
+            scores = self.video_scores(videos)
             self.metrics.log_event(self.step, f"validation: {len(paths)} videos, grid {grid}",
-                                   weights="ema" if use_ema else "raw")
+                                   weights="ema" if use_ema else "raw", **scores)
         return videos
 
     def heldout_reader(self):
@@ -412,6 +413,21 @@ class Trainer:
     def should_validate_loss(self, step: int, last: bool) -> bool:
         ev = self.cfg.eval
         return bool(ev.loss_every and step % ev.loss_every == 0) or bool(last and ev.loss_at_end)
+
+    def video_scores(self, videos: list) -> dict[str, float]:
+        """Rank 0: the validation videos' metrics (evaluation/video_metrics.score_validation, as motif-eval scores
+        them) when `<encoders.root>/clip` holds the metric encoder; {} (said once) without one."""
+        enc = Path(self.cfg.encoders.root)
+        if not (enc / "clip" / "config.json").is_file():
+            if getattr(self, "_vmetrics", None) is None:
+                self._vmetrics = False
+                self.metrics.log_event(self.step, f"validation metrics off: no metric encoder at {enc / 'clip'}")
+            return {}
+        from motif_train.evaluation.video_metrics import VideoMetrics, score_validation
+
+        if not getattr(self, "_vmetrics", None):
+            self._vmetrics = VideoMetrics(enc, self.device)
+        return score_validation(self._vmetrics, videos, self.cfg.eval)
 
     def should_validate(self, step: int, last: bool) -> bool:
         ev = self.cfg.eval

@@ -32,7 +32,7 @@ def prepare_data(root: Path, n_clips: int, env: dict) -> list[str]:
     print(f"[1/5] {n_clips} clips (+3 broken ones) -> {root / 'clips'}", flush=True)
     write_clip_folder(root / "clips", default_specs(n_clips, seed=0), broken=True)
     print(f"[2/5] tiny random encoders -> {root / 'encoders'}", flush=True)
-    build_tiny_encoders(root / "encoders")
+    build_tiny_encoders(root / "encoders", metric_encoder=True)  # + clip/: the validation videos are scored
     print("[3/5] motif-preprocess", flush=True)
     subprocess.run([sys.executable, "-m", "motif_train.cli.preprocess", "--input", str(root / "clips"), "--out",
                     str(root / "data"), "--encoders", str(root / "encoders"), "--curriculum", str(curriculum)],

@@ -94,8 +94,8 @@ class Scorer:
         return out
 
     def video_metrics(self, model) -> dict:
-        from motif_train.evaluation.video_metrics import VideoMetrics
-        from motif_train.sampling import build_requests, generate, load_first_frame
+        from motif_train.evaluation.video_metrics import VideoMetrics, score_validation
+        from motif_train.sampling import build_requests, generate
 
         ev = self.cfg.eval
         if self._requests is None:
@@ -105,13 +105,7 @@ class Scorer:
         items, negative, vae = self._requests
         with torch.no_grad():
             videos = generate(model, items, negative, vae, ev, device=self.device, rank=0, world_size=1, shard_size=1)
-        frames = [v.numpy() for _, v in videos]  # (T, H, W, 3) uint8 each
-        prompts = [*ev.prompts, *([ev.i2v_prompt or ev.prompts[0]] if ev.i2v_frame else [])]
-        cond = [None] * len(ev.prompts)
-        if ev.i2v_frame:
-            cond.append(load_first_frame(ev.i2v_frame, ev.height, ev.width))
-        got = self._metrics.score(frames, prompts[:len(frames)], cond_images=cond[:len(frames)])
-        return {f"eval/{k}": v for k, v in got.items() if isinstance(v, int | float) and v is not None}
+        return score_validation(self._metrics, videos, ev)
 
 
 def plot(ledger: Ledger, out: Path) -> Path | None:

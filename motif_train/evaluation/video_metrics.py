@@ -471,3 +471,24 @@ class VideoMetrics:
             out["fd_vjepa"] = frechet_distance(gen, ref) if min(gen.shape[0], ref.shape[0]) >= 2 else float("nan")
         out["per_video"] = per
         return out
+
+
+def score_validation(metrics: VideoMetrics, videos: list, cfg) -> dict[str, float]:
+    """The validation videos' metrics as flat `eval/<metric>` values (+ `eval/fd_samples_*` when computed).
+
+    `videos`: `sampling.generate`'s [(name, uint8 (T, H, W, 3))] — "t2v_<i>" with `cfg.prompts[i]`, "i2v_00"
+    with `cfg.i2v_prompt`, conditioned on `cfg.i2v_frame`'s first frame; `cfg`: the run's `EvalConfig`. The one
+    implementation the trainer's validation and `motif-eval` share."""
+    from motif_train.sampling import load_first_frame
+
+    frames, prompts, cond = [], [], []
+    for name, v in videos:
+        frames.append(v.numpy() if hasattr(v, "numpy") else np.asarray(v))
+        i2v = name.startswith("i2v")
+        prompts.append(cfg.i2v_prompt if i2v else cfg.prompts[int(name.split("_")[-1])])
+        cond.append(load_first_frame(cfg.i2v_frame, cfg.height, cfg.width) if i2v and cfg.i2v_frame else None)
+    got = metrics.score(frames, prompts, cond_images=cond)
+    out = {f"eval/{k}": float(v) for k, v in got.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    if got.get("fd_samples"):
+        out["eval/fd_samples_generated"], out["eval/fd_samples_reference"] = map(float, got["fd_samples"])
+    return out

@@ -124,7 +124,7 @@ def test_named_console_scripts_exist():
     scripts = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"])
     named = {}
     for doc in DOCS:
-        for name in re.findall(r"(?<![\w/.-])motif-[a-z][a-z0-9]*(?:-[a-z0-9]+)*\b", doc.read_text()):
+        for name in re.findall(r"(?<![\w/.-])motif-[a-z][a-z0-9]*(?:-[a-z0-9]+)*\b(?!:)", doc.read_text()):
             named.setdefault(name, doc.relative_to(ROOT).as_posix())
     named = {k: v for k, v in named.items() if k not in NOT_SCRIPTS}
     assert {"motif-train", "motif-preprocess", "motif-plan"} <= set(named)

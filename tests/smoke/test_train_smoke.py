@@ -46,6 +46,10 @@ def test_demo_pipeline_kill_and_resume(tmp_path):
         assert names == ["grid.png", "i2v_00.mp4", "t2v_00.mp4", "t2v_01.mp4"]
     wandb_bytes = b"".join(f.read_bytes() for d in offline for f in d.iterdir() if f.suffix == ".wandb")
     assert b"val/t2v_00" in wandb_bytes and b"val/i2v_00" in wandb_bytes
+    # the trainer's validation scores its videos (evaluation/video_metrics, the demo's tiny CLIP)
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    val = [e for e in events if e["event"].startswith("validation: ")]
+    assert val and all(0 <= e["eval/clip_score"] <= 100 and e["eval/psnr_first_frame"] > 0 for e in val)
     # motif-eval over the kept checkpoints: each once, the held-out validation loss goes down, printed
     evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [12, 18, 24] and all(e["status"] == "scored" for e in evals)

@@ -11,8 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from motif_train.objectives.repa import teacher_pixels
-from motif_train.objectives.tiny_encoders import METRIC_SUBFOLDER, _build_tokenizer, build_tiny_encoders
 from motif_train.evaluation.video_metrics import (
     PSNR_CAP_DB,
     SSIM_K1,
@@ -25,6 +23,8 @@ from motif_train.evaluation.video_metrics import (
     ssim,
     vjepa_pixels,
 )
+from motif_train.objectives.repa import teacher_pixels
+from motif_train.objectives.tiny_encoders import METRIC_SUBFOLDER, _build_tokenizer, build_tiny_encoders
 
 PROMPTS = ["a red dog runs on the beach", "two cats sitting in a dark room", "cinematic aerial shot of a city"]
 
