@@ -423,11 +423,13 @@ class Trainer:
                 self._vmetrics = False
                 self.metrics.log_event(self.step, f"validation metrics off: no metric encoder at {enc / 'clip'}")
             return {}
-        from motif_train.evaluation.video_metrics import VideoMetrics, score_validation
+        from motif_train.evaluation.video_metrics import VideoMetrics, heldout_reference_features, score_validation
 
         if not getattr(self, "_vmetrics", None):
             self._vmetrics = VideoMetrics(enc, self.device)
-        return score_validation(self._vmetrics, videos, self.cfg.eval)
+            reader = self.heldout_reader() if (enc / "teacher" / "config.json").is_file() else None
+            self._vref = None if reader is None else heldout_reference_features(self._vmetrics, reader)
+        return score_validation(self._vmetrics, videos, self.cfg.eval, self._vref)
 
     def should_validate(self, step: int, last: bool) -> bool:
         ev = self.cfg.eval

@@ -94,7 +94,7 @@ class Scorer:
         return out
 
     def video_metrics(self, model) -> dict:
-        from motif_train.evaluation.video_metrics import VideoMetrics, score_validation
+        from motif_train.evaluation.video_metrics import VideoMetrics, heldout_reference_features, score_validation
         from motif_train.sampling import build_requests, generate
 
         ev = self.cfg.eval
@@ -102,10 +102,13 @@ class Scorer:
             self._requests = build_requests(ev, self.cfg.encoders.root, self.device,
                                             cache_dir=self.run_dir / "samples")
             self._metrics = VideoMetrics(self.cfg.encoders.root, self.device)
+            teacher = Path(self.cfg.encoders.root) / "teacher" / "config.json"
+            self._reference = (heldout_reference_features(self._metrics, self.reader)
+                               if self.reader is not None and teacher.is_file() else None)
         items, negative, vae = self._requests
         with torch.no_grad():
             videos = generate(model, items, negative, vae, ev, device=self.device, rank=0, world_size=1, shard_size=1)
-        return score_validation(self._metrics, videos, ev)
+        return score_validation(self._metrics, videos, ev, self._reference)
 
 
 def plot(ledger: Ledger, out: Path) -> Path | None:

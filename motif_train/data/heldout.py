@@ -53,10 +53,11 @@ class HeldOutReader:
     def key(self, gid: int) -> str:
         return self.index.key(int(gid))
 
-    def read(self, gid: int) -> Batch:
-        """One held-out sample (CorruptSample propagates: a damaged validation sample is an error to fix)."""
+    def read(self, gid: int, *, teacher: bool = False) -> Batch:
+        """One held-out sample (CorruptSample propagates: a damaged validation sample is an error to fix);
+        `teacher`: with its stored teacher pixels (the video metrics' fd_vjepa reference)."""
         (loc,) = self.index.locate(np.asarray([int(gid)], np.int64))
-        return collate([self._reader.read(loc)], False, self.text_pad_to)
+        return collate([self._reader.read(loc)], teacher, self.text_pad_to)
 
     def close(self) -> None:
         self._reader.files.close()

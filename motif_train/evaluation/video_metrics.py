@@ -404,6 +404,15 @@ class VideoMetrics:
                     feats[i] = f
         return torch.stack(feats)
 
+    @torch.no_grad()
+    def vjepa_features_from_pixels(self, pixels: Tensor) -> Tensor:
+        """Teacher inputs (N, 3, T', S, S) in [-1, 1] — what `vjepa_pixels` prepares, and what the shards store
+        as a sample's teacher pixels for REPA — -> (N, C) float64 (CPU), mean-pooled as `vjepa_features`."""
+        teacher = self._teacher_model()
+        out = [teacher(pixels[i:i + self.batch_size].to(self.device, self.dtype)).double().mean(dim=(1, 2, 3)).cpu()
+               for i in range(0, pixels.shape[0], self.batch_size)]
+        return torch.cat(out)
+
     # ---- scoring --------------------------------------------------------------------------
     @torch.no_grad()
     def score(self, videos, prompts: Sequence[str] | None = None, cond_images=None, reference_clips=None, *,
@@ -473,11 +482,27 @@ class VideoMetrics:
         return out
 
 
-def score_validation(metrics: VideoMetrics, videos: list, cfg) -> dict[str, float]:
+def heldout_reference_features(metrics: VideoMetrics, reader, max_clips: int = 64) -> Tensor | None:
+    """V-JEPA 2 features (N, C) of up to `max_clips` held-out video clips (data/heldout.HeldOutReader: their
+    stored teacher pixels, in bucket then id order: deterministic), None when none has teacher pixels."""
+    feats = []
+    for bucket in sorted(reader.buckets):
+        for gid in reader.bucket_ids(bucket):
+            if len(feats) >= max_clips:
+                break
+            pix = reader.read(int(gid), teacher=True).teacher_pixels  # (1, 3, T', S, S) or None
+            if pix is not None and pix.shape[2] > 2:  # a clip (an image is one tubelet)
+                feats.append(metrics.vjepa_features_from_pixels(pix))
+    return torch.cat(feats) if len(feats) >= 2 else None
+
+
+def score_validation(metrics: VideoMetrics, videos: list, cfg, reference_features: Tensor | None = None
+                     ) -> dict[str, float]:
     """The validation videos' metrics as flat `eval/<metric>` values (+ `eval/fd_samples_*` when computed).
 
     `videos`: `sampling.generate`'s [(name, uint8 (T, H, W, 3))] — "t2v_<i>" with `cfg.prompts[i]`, "i2v_00"
-    with `cfg.i2v_prompt`, conditioned on `cfg.i2v_frame`'s first frame; `cfg`: the run's `EvalConfig`. The one
+    with `cfg.i2v_prompt`, conditioned on `cfg.i2v_frame`'s first frame; `cfg`: the run's `EvalConfig`;
+    `reference_features`: `heldout_reference_features(...)` for `fd_vjepa` (absent without). The one
     implementation the trainer's validation and `motif-eval` share."""
     from motif_train.sampling import load_first_frame
 
@@ -487,7 +512,7 @@ def score_validation(metrics: VideoMetrics, videos: list, cfg) -> dict[str, floa
         i2v = name.startswith("i2v")
         prompts.append(cfg.i2v_prompt if i2v else cfg.prompts[int(name.split("_")[-1])])
         cond.append(load_first_frame(cfg.i2v_frame, cfg.height, cfg.width) if i2v and cfg.i2v_frame else None)
-    got = metrics.score(frames, prompts, cond_images=cond)
+    got = metrics.score(frames, prompts, cond_images=cond, reference_features=reference_features)
     out = {f"eval/{k}": float(v) for k, v in got.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     if got.get("fd_samples"):
         out["eval/fd_samples_generated"], out["eval/fd_samples_reference"] = map(float, got["fd_samples"])

@@ -50,6 +50,9 @@ def test_demo_pipeline_kill_and_resume(tmp_path):
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     val = [e for e in events if e["event"].startswith("validation: ")]
     assert val and all(0 <= e["eval/clip_score"] <= 100 and e["eval/psnr_first_frame"] > 0 for e in val)
+    # fd_vjepa: the 3 generated clips against the held-out clips' stored teacher pixels, counts logged beside it
+    assert all(e["eval/fd_vjepa"] >= 0 and e["eval/fd_samples_generated"] == 3 and e["eval/fd_samples_reference"] >= 2
+               for e in val)
     # motif-eval over the kept checkpoints: each once, the held-out validation loss goes down, printed
     evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [12, 18, 24] and all(e["status"] == "scored" for e in evals)

@@ -223,6 +223,30 @@ def test_fd_vjepa_in_score(vm):
     assert math.isnan(vm.score(gen[:1], reference_clips=ref)["fd_vjepa"])  # < 2 clips: undefined, not raised
 
 
+def test_reference_features_from_stored_teacher_pixels(vm):
+    """The shards' teacher pixels (REPA's input, what vjepa_pixels prepares) give the clip's own features, and
+    heldout_reference_features reads them from a held-out reader (teacher=True), clips only, in order."""
+    from types import SimpleNamespace
+
+    from motif_train.evaluation.video_metrics import heldout_reference_features, vjepa_pixels
+
+    clips = list(_videos(3, 9, 40, 40, seed=2))
+    pix = torch.stack([vjepa_pixels(c, vm._teacher_model().crop_size) for c in clips])  # (3, 3, 10, S, S)
+    assert torch.allclose(vm.vjepa_features_from_pixels(pix), vm.vjepa_features(clips), atol=1e-6)
+    image = vjepa_pixels(_videos(1, 1, 40, 40, seed=3)[0], vm._teacher_model().crop_size)  # one tubelet: skipped
+    stored = {0: pix[0], 1: image, 2: pix[1], 3: pix[2]}
+    calls = []
+
+    def read(gid, *, teacher=False):
+        calls.append(teacher)
+        return SimpleNamespace(teacher_pixels=stored[gid][None])
+
+    reader = SimpleNamespace(buckets={"b1": {}, "a0": {}}, bucket_ids=lambda b: {"a0": [0, 1], "b1": [2, 3]}[b],
+                             read=read)
+    got = heldout_reference_features(vm, reader, max_clips=2)
+    assert all(calls) and torch.allclose(got, vm.vjepa_features(clips[:2]), atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------- clip score
 
 
