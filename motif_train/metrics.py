@@ -170,7 +170,7 @@ def _fmt_count(x: float) -> str:
     return f"{x / div:.1f}{suffix}"
 
 
-def _fmt_duration(seconds: float) -> str:
+def fmt_duration(seconds: float) -> str:
     """42s, 12m05s, 8h26m, 1d10h (two units at most); n/a when not finite."""
     if not math.isfinite(seconds):
         return "n/a"
@@ -591,8 +591,8 @@ class MetricsLogger:
                 + f" | mfu {mfu_str} | data {100 * out[mk.PERF_DATA_WAIT]:.1f}%"
                 + f" | mem {mem:.1f} GiB" + ("" if mem_label == "cuda" else f" ({mem_label})")
                 + f" | {step_s:.3g} s/step" + ("" if pred is None else f" (pred {pred:.3g})")
-                + ("" if prog is None else f" | ETA stage {_fmt_duration(prog[mk.PROGRESS_ETA_STAGE_S])}, "
-                   f"run {_fmt_duration(prog[mk.PROGRESS_ETA_RUN_S])}"))
+                + ("" if prog is None else f" | ETA stage {fmt_duration(prog[mk.PROGRESS_ETA_STAGE_S])}, "
+                   f"run {fmt_duration(prog[mk.PROGRESS_ETA_RUN_S])}"))
         self.last_line = line
         self.console.print(line, markup=False)
         self._wandb_log({k: v for k, v in out.items() if v is not None}, step)

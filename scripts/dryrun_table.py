@@ -66,7 +66,7 @@ def render_tracker_block(model: dict, table) -> str:
 
 
 def _dur(seconds: float) -> str:
-    from motif_train.distributed.cost import fmt_duration
+    from motif_train.metrics import fmt_duration
 
     return fmt_duration(seconds)
 

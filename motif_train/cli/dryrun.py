@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 from motif_train.config import TrainConfig
-from motif_train.distributed.cost import fmt_duration
 from motif_train.dryrun import DryRunError, run
+from motif_train.metrics import fmt_duration
 
 EXIT_OOM, EXIT_CONFIG = 1, 2
 

@@ -75,16 +75,3 @@ def run_totals(stage_seconds: list[float], *, world: int, total_steps: int, ever
             "checkpoint_gib": ckpt_bytes / 2**30, "storage_gib": kept * ckpt_bytes / 2**30,
             "usd_per_gpu_hour": usd_per_gpu_hour,
             "usd": None if usd_per_gpu_hour is None else gpu_h * usd_per_gpu_hour}
-
-
-def fmt_duration(seconds: float) -> str:
-    """4d03h, 5h20m, 12m05s, 41s."""
-    s = int(round(seconds))
-    d, h, m = s // 86400, s % 86400 // 3600, s % 3600 // 60
-    if d:
-        return f"{d}d{h:02d}h"
-    if h:
-        return f"{h}h{m:02d}m"
-    if m:
-        return f"{m}m{s % 60:02d}s"
-    return f"{s}s"

@@ -98,23 +98,38 @@ def test_tracker_moves_like_the_analytic_model(report, tmp_path):
     assert full_large["tracker_peak"] > full_small["tracker_peak"]
 
 
-def test_plan_steps_equal_motif_plan(tmp_path):
+TINY_TOKENS = {(9, 64, 96): 72, (5, 96, 64): 48, (9, 96, 128): 144}  # the tiny curriculum's buckets
+
+
+def write_manifest(root: Path, counts: dict) -> Path:
+    """A manifest of the tiny curriculum's buckets with `counts` samples each (the plan needs only counts and
+    token sizes)."""
+    manifest = {"buckets": {bucket_name(*b): {"tokens": TINY_TOKENS[b]} for b in counts},
+                "shards": [{"bucket": bucket_name(*b), "samples": n, "path": f"{bucket_name(*b)}.tar"}
+                           for b, n in counts.items()]}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def motif_plan_steps(root: Path, world: int) -> list[int]:
+    """`motif-plan --carry --world-size <world> --stage-from-config tiny.yaml --stage i` steps, for both stages."""
     from motif_train.cli import plan as motif_plan
 
-    buckets = {(9, 64, 96): 72, (5, 96, 64): 48, (9, 96, 128): 144}
-    counts = {(9, 64, 96): 700, (5, 96, 64): 333, (9, 96, 128): 257}
-    manifest = {"buckets": {bucket_name(*b): {"tokens": n} for b, n in buckets.items()},
-                "shards": [{"bucket": bucket_name(*b), "samples": counts[b], "path": f"{bucket_name(*b)}.tar"}
-                           for b in buckets]}
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    out = []
+    for i in range(2):
+        args = argparse.Namespace(manifest=str(root), buckets=None, stage_from_config=str(
+            ROOT / "configs" / "curriculum" / "tiny.yaml"), stage=i, world_size=world, segments=None,
+            token_budget=None, attention_aware=False, seed=0, epoch=0, out=None, report=None, no_naive=True,
+            carry=True)
+        out.append(motif_plan.run(args, Console(file=open(root / "plan.txt", "w")))["steps"])
+    return out
+
+
+def test_plan_steps_equal_motif_plan(tmp_path):
+    write_manifest(tmp_path, {(9, 64, 96): 700, (5, 96, 64): 333, (9, 96, 128): 257})
     cfg = _cfg(tmp_path, "data=shards", f"data.root={tmp_path}")
     got = dryrun.check(cfg)[0]["plan_steps"]
-    want = []
-    for i in range(2):
-        args = argparse.Namespace(manifest=str(tmp_path), buckets=None, stage_from_config=str(
-            ROOT / "configs" / "curriculum" / "tiny.yaml"), stage=i, world_size=64, segments=None, token_budget=None,
-            attention_aware=False, seed=0, epoch=0, out=None, report=None, no_naive=True, carry=True)
-        want.append(motif_plan.run(args, Console(file=open(tmp_path / "plan.txt", "w")))["steps"])
+    want = motif_plan_steps(tmp_path, 64)
     assert got == want and all(s > 0 for s in got)
 
 

@@ -5,8 +5,6 @@ the dry run verified, and the shortcuts that make it fast checked against the sl
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
 import pytest
@@ -15,12 +13,13 @@ from rich.console import Console
 
 from motif_train import dryrun
 from motif_train.cli import dryrun as cli
-from motif_train.data.shards import bucket_name
 from motif_train.distributed import cost
 from motif_train.distributed.memory_model import GIB, FakeModel, PeakMemTracker
 from motif_train.distributed.mesh import build_mesh
 from motif_train.models.config import RoutingConfig
 from motif_train.models.flops import latent_shape, model_flops
+
+from .test_dryrun import motif_plan_steps, write_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["experiment=tiny_cpu", "data=synthetic", "parallel=fsdp", "parallel.ac=selective",
@@ -30,16 +29,6 @@ TINY = ["experiment=tiny_cpu", "data=synthetic", "parallel=fsdp", "parallel.ac=s
 def _cfg(tmp: Path, world: int, cp: int, *extra: str):
     return cli.compose([*TINY, f"parallel.simulate_world={world}", f"parallel.simulate_local={world}",
                         f"parallel.cp={cp}", f"run_dir={tmp}", *extra])
-
-
-def _manifest(tmp: Path, counts: dict) -> Path:
-    """A manifest of the tiny curriculum's buckets (the plan needs only counts and token sizes)."""
-    tokens = {(9, 64, 96): 72, (5, 96, 64): 48, (9, 96, 128): 144}
-    manifest = {"buckets": {bucket_name(*b): {"tokens": tokens[b]} for b in counts},
-                "shards": [{"bucket": bucket_name(*b), "samples": n, "path": f"{bucket_name(*b)}.tar"}
-                           for b, n in counts.items()]}
-    (tmp / "manifest.json").write_text(json.dumps(manifest))
-    return tmp
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +71,7 @@ def test_recommendation_is_traced_and_holds(tmp_path):
     """World 2 on shards (the token budget is per data-parallel rank, so cp=2 halves a GPU's tokens): at a
     limit between the cp=1 and cp=2 peaks the dry run recommends overrides, and a dry run with them fits at
     the peak the recommendation reported."""
-    root = _manifest(tmp_path, {(9, 64, 96): 40, (5, 96, 64): 40, (9, 96, 128): 40})
+    root = write_manifest(tmp_path, {(9, 64, 96): 40, (5, 96, 64): 40, (9, 96, 128): 40})
     base = ["data=shards", f"data.root={root}", "curriculum.stages.1.token_budget=288"]
     peaks = [dryrun.run(_cfg(tmp_path, 2, c, *base), trainer=False, stages=[1], advise=False)["steps"][0]
              for c in (1, 2)]
@@ -100,18 +89,11 @@ def test_recommendation_is_traced_and_holds(tmp_path):
 
 
 def test_plan_steps_at_cp2_are_motif_plans_over_the_data_parallel_ranks(tmp_path):
-    from motif_train.cli import plan as motif_plan
-
-    root = _manifest(tmp_path, {(9, 64, 96): 700, (5, 96, 64): 333, (9, 96, 128): 257})
+    root = write_manifest(tmp_path, {(9, 64, 96): 700, (5, 96, 64): 333, (9, 96, 128): 257})
     cfg = cli.compose([*TINY, "parallel=hsdp", "parallel.simulate_world=64", "parallel.simulate_local=8",
                        "parallel.cp=2", "data=shards", f"data.root={root}", f"run_dir={tmp_path}"])
     checks, _ = dryrun.check(cfg)
-    want = []
-    for i in range(2):
-        args = argparse.Namespace(manifest=str(root), buckets=None, stage_from_config=str(
-            ROOT / "configs" / "curriculum" / "tiny.yaml"), stage=i, world_size=32, segments=None, token_budget=None,
-            attention_aware=False, seed=0, epoch=0, out=None, report=None, no_naive=True, carry=True)
-        want.append(motif_plan.run(args, Console(file=open(tmp_path / "plan.txt", "w")))["steps"])
+    want = motif_plan_steps(root, 32)
     assert checks["plan_steps"] == want and checks["dp_world"] == 32
     assert checks["mesh"] == [8, 8] and checks["mesh_dims"] == ["dp_replicate", "dp_shard x cp"]
 
@@ -177,4 +159,6 @@ def test_recompute_factor_and_durations():
     assert cost.recompute_factor("every_k", 32760, 2) == pytest.approx(1 + 0.293 / 2)
     assert cost.predicted_step_s(989e12 * 0.364) == pytest.approx(1.0)  # AC full: the measured run's setting
     assert cost.checkpoint_count(24, 6) == 4 and cost.checkpoint_count(25, 6) == 5 and cost.checkpoint_count(9, 0) == 1
-    assert [cost.fmt_duration(s) for s in (41, 725, 19200, 360000)] == ["41s", "12m05s", "5h20m", "4d04h"]
+    from motif_train.metrics import fmt_duration
+
+    assert [fmt_duration(s) for s in (41, 725, 19200, 360000)] == ["41s", "12m05s", "5h20m", "4d04h"]

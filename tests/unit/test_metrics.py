@@ -27,18 +27,6 @@ from motif_train.metrics import (
 CPU = torch.device("cpu")
 
 
-@pytest.fixture
-def wandb_env(tmp_path, monkeypatch):
-    """Offline W&B with every W&B side directory (core logs, cache, config) inside tmp_path."""
-    home = tmp_path / "wandb_home"
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
-        monkeypatch.setenv(var, str(home / var.lower()))
-    return tmp_path
-
-
 def step_values(i: int) -> dict:
     samples = 4 + i % 3
     denoise, repa = 1.0 / (i + 2), -0.1 * i / 7

@@ -12,7 +12,7 @@ import torch
 from motif_train import metric_keys as mk
 from motif_train.data.curriculum import Curriculum, CurriculumConfig, StageConfig
 from motif_train.distributed.cost import MEASURED_MFU, MEASURED_RECOMPUTE
-from motif_train.metrics import LoggerConfig, MetricsLogger, Progress, ProgressPlan, _fmt_duration, read_metrics
+from motif_train.metrics import LoggerConfig, MetricsLogger, Progress, ProgressPlan, fmt_duration, read_metrics
 
 CPU = torch.device("cpu")
 ETA_S, ETA_RUN = mk.PROGRESS_ETA_STAGE_S, mk.PROGRESS_ETA_RUN_S
@@ -95,8 +95,8 @@ def test_later_stages_without_a_flop_figure_take_the_current_rate():
     assert rec[3][ETA_S] == 7 * 1.5 and rec[3][ETA_RUN] == 7 * 1.5 + 10 * 1.5 + 10 * 1.5 * 3
 
 
-def test_fmt_duration():
-    assert [_fmt_duration(s) for s in (0, 42.4, 725, 8 * 3600 + 26 * 60 + 10, 34 * 3600 + 59, math.nan)] == [
+def testfmt_duration():
+    assert [fmt_duration(s) for s in (0, 42.4, 725, 8 * 3600 + 26 * 60 + 10, 34 * 3600 + 59, math.nan)] == [
         "0s", "42s", "12m05s", "8h26m", "1d10h", "n/a"]
 
 
@@ -133,7 +133,7 @@ def test_logger_records_windows_and_console(tmp_path, capsys):
     assert "train/eta_run_s" not in w and "progress/eta_run_s" in w  # not averaged as an extra
     assert line.startswith("step 8/10 (stage 1: 2/4) | loss ")
     assert f"| {step_s:.3g} s/step (pred {pred:.3g}) | ETA stage " in line
-    assert line.endswith(f"run {_fmt_duration(w[ETA_RUN])}")
+    assert line.endswith(f"run {fmt_duration(w[ETA_RUN])}")
     assert "no bf16 peak" not in capsys.readouterr().out
 
 

@@ -10,25 +10,12 @@ import warnings
 import zlib
 from pathlib import Path
 
-import pytest
 import torch
 
 from motif_train.metrics import LoggerConfig, MetricsLogger
 
 CPU = torch.device("cpu")
 BLOCK = 32768  # the transaction log's block size (a leveldb-style log)
-
-
-@pytest.fixture
-def wandb_env(tmp_path, monkeypatch):
-    """Offline W&B with every W&B side directory (core logs, cache, config) inside tmp_path."""
-    home = tmp_path / "wandb_home"
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
-        monkeypatch.setenv(var, str(home / var.lower()))
-    return tmp_path
 
 
 def _step(i: int) -> dict:
